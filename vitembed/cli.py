@@ -1,0 +1,238 @@
+"""The ``vitembed`` command: a thin layer over the Python API.
+
+Parses options, calls the library, turns its errors into one line on stderr and
+an exit status (0 all good, 1 some inputs failed, 2 usage or setup error).
+stdout carries only machine output (``--json``: one object per line); the start
+panel, progress bar, warnings and summary go to stderr, without colour or bar
+when stderr is not a terminal, under ``--quiet`` or with ``NO_COLOR``.
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .catalog import CATALOG, DEFAULT_MODEL
+from .errors import InputError, VitembedError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Turn image files into Vision Transformer embeddings (197x768 tokens per image for ViT-B/16).",
+)
+
+
+class Format(str, Enum):
+    safetensors = "safetensors"
+    npy = "npy"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def _stderr(quiet: bool = False) -> Console:
+    return Console(stderr=True, quiet=quiet, highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 2) -> "typer.Exit":
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", markup=False)
+    return typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vitembed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+@app.command()
+def encode(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(help="Image files, directories (searched recursively), or - for paths on stdin.", show_default=False),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.", show_default=False)],
+    model: Annotated[str, typer.Option(help=f"Model name ({', '.join(CATALOG)}).")] = DEFAULT_MODEL,
+    weights: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Checkpoint directory (config.json + model.safetensors), a .safetensors file, or 'random'.",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for --weights random.")] = 0,
+    layer: Annotated[str, typer.Option(help="last | embeddings | N (output of block N, 1..depth).")] = "last",
+    fmt: Annotated[Format, typer.Option("--format", help="Output file format.")] = Format.safetensors,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 32,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")] = "auto",
+    dtype: Annotated[DType, typer.Option(help="Compute precision.")] = DType.float32,
+    save_dtype: Annotated[DType, typer.Option(help="Precision of the saved embeddings.")] = DType.float32,
+    workers: Annotated[
+        Optional[int], typer.Option(min=1, help="Decode threads [default: usable cores].", show_default=False)
+    ] = None,
+    null: Annotated[bool, typer.Option("--null", "-0", help="Paths on stdin are NUL-separated (find -print0).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per input on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No panel, progress or summary on stderr.")] = False,
+) -> None:
+    """Encode images into one embedding file per image under --out."""
+    from . import pipeline  # imports torch
+    from .inputs import read_path_list
+    from .progress import EncodeProgress, start_panel
+
+    err = _stderr(quiet)
+    stdin_paths: list[str] = []
+    if "-" in inputs:
+        stdin_paths = read_path_list(sys.stdin.buffer, null_separated=null)
+        inputs = [i for i in inputs if i != "-"]
+    try:
+        if weights == "random":
+            Console(stderr=True, highlight=False).print(
+                "warning: --weights random: the model has random weights; its embeddings carry no meaning.",
+                markup=False,
+            )
+        encoder = pipeline.load_encoder(
+            model=model,
+            weights=weights,
+            seed=seed,
+            layer=layer,
+            device=device,
+            dtype=dtype.value,
+            save_dtype=save_dtype.value,
+            progress=not quiet and err.is_terminal,
+        )
+        start_panel(err, encoder, workers or pipeline.usable_cores(), out)
+        failed_lines = Console(stderr=True, highlight=False, soft_wrap=True)
+        with EncodeProgress(err, enabled=not quiet) as progress:
+
+            def on_result(result: "pipeline.Result") -> None:
+                if result.error is not None:
+                    failed_lines.print(f"failed: {result.error}", markup=False)
+                if as_json:
+                    line = {"source": result.source, "status": result.status, "output": result.output}
+                    if result.error is not None:
+                        line.update(error_kind=result.error.kind, error=result.error.reason)
+                    sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    sys.stdout.flush()
+                progress.advance()
+
+            summary = pipeline.encode(
+                inputs,
+                out,
+                encoder=encoder,
+                fmt=fmt.value,
+                batch_size=batch_size,
+                workers=workers,
+                stdin_paths=stdin_paths,
+                on_result=on_result,
+                on_plan=progress.set_total,
+            )
+    except VitembedError as e:
+        raise _fail(str(e), e.exit_code) from None
+    err.print(
+        f"encoded {summary.encoded}, failed {summary.failed} in {summary.seconds:.1f} s "
+        f"({summary.images_per_second:.1f} images/s) -> {out}",
+        markup=False,
+    )
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def inspect(
+    files: Annotated[list[Path], typer.Argument(help=".safetensors or .npy files written by encode.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per file on stdout.")] = False,
+) -> None:
+    """Show tensor names, shapes, dtypes, metadata and statistics of output files."""
+    from .inspect import inspect_file
+
+    out = Console(highlight=False, soft_wrap=True)
+    failed = 0
+    for file in files:
+        try:
+            info = inspect_file(file)
+        except InputError as e:
+            failed += 1
+            Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {e}", markup=False)
+            continue
+        if as_json:
+            sys.stdout.write(json.dumps(info, ensure_ascii=False) + "\n")
+            continue
+        out.print(f"{info['path']} ({info['format']})", markup=False)
+        for t in info["tensors"]:
+            s = t["stats"]
+            out.print(f"  tensor {t['name']}: shape {tuple(t['shape'])} {t['dtype']}", markup=False)
+            out.print(
+                "    "
+                + "  ".join(
+                    f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in s.items()
+                ),
+                markup=False,
+            )
+        if info["metadata"]:
+            out.print("  metadata:", markup=False)
+            width = max(map(len, info["metadata"]))
+            for key, value in sorted(info["metadata"].items()):
+                out.print(f"    {key:<{width}}  {value}", markup=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json", help="One JSON object per model on stdout.")] = False) -> None:
+    """List the known model names."""
+    for spec in CATALOG.values():
+        cfg, pre = spec.config(), spec.preprocess
+        row = {
+            "name": spec.name,
+            "repo": spec.repo,
+            "variant": spec.variant,
+            "tokens": cfg.num_tokens,
+            "hidden_size": cfg.hidden_size,
+            "image_size": pre.image_size,
+            "resize": pre.resize,
+            "interpolation": pre.interpolation,
+            "mean": list(pre.mean),
+            "std": list(pre.std),
+            "description": spec.description,
+        }
+        if as_json:
+            sys.stdout.write(json.dumps(row) + "\n")
+        else:
+            typer.echo(
+                f"{spec.name:<28} {spec.variant:<5} {cfg.num_tokens}x{cfg.hidden_size}  {pre.image_size}px "
+                f"{pre.resize}/{pre.interpolation} mean={list(pre.mean)} std={list(pre.std)}  {spec.repo}"
+            )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except BrokenPipeError:  # `vitembed ... --json | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)

@@ -1,0 +1,240 @@
+"""Architecture of a Vision Transformer, as one dataclass.
+
+Follows Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words", Table 1, with
+the Ti and S widths of Touvron et al. 2020 (DeiT). Variants are named as in
+big_vision ("B/16": width B, patch 16). This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import CheckpointError, UsageError
+
+# name -> (hidden_size, depth, num_heads, mlp_dim); big_vision's vit.py decode_variant table.
+WIDTHS: dict[str, tuple[int, int, int, int]] = {
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "H": (1280, 32, 16, 5120),
+}
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+# transformers' hidden_act names -> ours.
+_HF_ACT = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+}
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Shape of a ViT encoder.
+
+    Attributes:
+        hidden_size: token width D (768 for B).
+        depth: number of transformer blocks (12 for B).
+        num_heads: attention heads per block; ``hidden_size % num_heads == 0``.
+        mlp_dim: hidden width of each block's MLP (4 * D for the standard variants).
+        patch_size: side of the square patches, in pixels (16).
+        image_size: side of the square input image, in pixels (224).
+        num_channels: input channels (3, RGB).
+        layer_norm_eps: epsilon of every LayerNorm (1e-12 in the google/vit
+            checkpoints' transformers configs, 1e-6 in timm).
+        qkv_bias: whether the q, k, v projections carry a bias.
+        act: MLP activation, one of ``gelu`` (exact, erf), ``gelu_tanh``, ``quick_gelu``.
+    """
+
+    hidden_size: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    patch_size: int = 16
+    image_size: int = 224
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    act: str = "gelu"
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise UsageError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.image_size % self.patch_size:
+            raise UsageError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.act not in ACTIVATIONS:
+            raise UsageError(f"unknown activation {self.act!r}; expected one of {', '.join(ACTIVATIONS)}")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side: image_size // patch_size (14 for 224/16)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """grid_size ** 2 (196 for 224/16)."""
+        return self.grid_size**2
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens: the class token."""
+        return 1
+
+    @property
+    def num_tokens(self) -> int:
+        """Sequence length: prefix tokens + patches (197 for 224/16)."""
+        return self.num_prefix_tokens + self.num_patches
+
+    def replace(self, **changes: Any) -> "ViTConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_variant(cls, variant: str, **overrides: Any) -> "ViTConfig":
+        """Config for a named variant such as ``"B/16"`` or ``"L/32"`` (big_vision naming).
+
+        Raises:
+            UsageError: the name is not ``<Ti|S|B|L|H>/<patch>``.
+        """
+        m = re.fullmatch(r"(Ti|S|B|L|H)/(\d+)", variant)
+        if not m:
+            raise UsageError(f"unknown ViT variant {variant!r}; expected e.g. 'B/16' ({', '.join(WIDTHS)} / patch)")
+        hidden, depth, heads, mlp = WIDTHS[m.group(1)]
+        fields = dict(hidden_size=hidden, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=int(m.group(2)))
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def from_transformers(cls, hf: dict[str, Any], source: str = "config.json") -> "ViTConfig":
+        """Config from a transformers ``ViTConfig`` dict (the checkpoint's config.json).
+
+        Raises:
+            CheckpointError: the config is not a ViT (``model_type`` other than ``vit``)
+                or uses settings vitembed does not implement.
+        """
+        model_type = hf.get("model_type", "vit")
+        if model_type != "vit":
+            raise CheckpointError(f"{source}: model_type {model_type!r} is not supported (expected 'vit')")
+        act = hf.get("hidden_act", "gelu")
+        if act not in _HF_ACT:
+            raise CheckpointError(f"{source}: hidden_act {act!r} is not supported")
+
+        def side(value: Any, name: str) -> int:
+            if isinstance(value, (list, tuple)):
+                if len(set(value)) != 1:
+                    raise CheckpointError(f"{source}: non-square {name} {value} is not supported")
+                value = value[0]
+            return int(value)
+
+        try:
+            return cls(
+                hidden_size=int(hf["hidden_size"]),
+                depth=int(hf["num_hidden_layers"]),
+                num_heads=int(hf["num_attention_heads"]),
+                mlp_dim=int(hf["intermediate_size"]),
+                patch_size=side(hf.get("patch_size", 16), "patch_size"),
+                image_size=side(hf.get("image_size", 224), "image_size"),
+                num_channels=int(hf.get("num_channels", 3)),
+                layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+                qkv_bias=bool(hf.get("qkv_bias", True)),
+                act=_HF_ACT[act],
+            )
+        except KeyError as e:
+            raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
+        except UsageError as e:
+            raise CheckpointError(f"{source}: {e}") from None
+
+
+def layer_index(layer: str, depth: int) -> int:
+    """Position of a named layer in the encoder, as transformers' ``hidden_states`` counts.
+
+    ``"embeddings"`` -> 0 (class token + position embedding, before any block),
+    ``"N"`` -> N for 1 <= N <= depth (output of block N), ``"last"`` -> depth + 1
+    (block ``depth`` followed by the final LayerNorm: ``last_hidden_state``).
+
+    Raises:
+        UsageError: any other name, or N outside 1..depth.
+    """
+    if layer == "embeddings":
+        return 0
+    if layer == "last":
+        return depth + 1
+    if re.fullmatch(r"[0-9]+", layer) and 1 <= int(layer) <= depth:
+        return int(layer)
+    raise UsageError(f"--layer {layer!r}: expected 'last', 'embeddings' or a block number 1..{depth}")
+
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+RESIZE_MODES = ("squash",)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How an RGB image becomes the model's input, tied to a checkpoint.
+
+    Mirrors the fields of transformers' image processors and timm's
+    ``pretrained_cfg``. For the google/vit checkpoints (transformers'
+    ``ViTImageProcessor``): squash-resize to 224x224 with bilinear resampling,
+    no crop, rescale by 1/255, mean 0.5 and std 0.5 per channel.
+
+    Attributes:
+        image_size: side of the square model input, in pixels.
+        resize: ``squash`` resizes the whole image to image_size x image_size,
+            ignoring its aspect ratio (no crop).
+        interpolation: Pillow resampling filter name (``bilinear``, ``bicubic``, ...).
+        mean, std: per-channel (R, G, B) normalisation of values rescaled to [0, 1].
+    """
+
+    image_size: int = 224
+    resize: str = "squash"
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise UsageError(f"unknown resize mode {self.resize!r}; expected one of {', '.join(RESIZE_MODES)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise UsageError(
+                f"unknown interpolation {self.interpolation!r}; expected one of {', '.join(INTERPOLATIONS)}"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise UsageError(f"mean and std need 3 values each, std > 0 (got mean={self.mean}, std={self.std})")
+
+    def replace(self, **changes: Any) -> "PreprocessConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_transformers(cls, hf: dict[str, Any], source: str = "preprocessor_config.json") -> "PreprocessConfig":
+        """From a transformers image processor config (``ViTImageProcessor`` fields).
+
+        Raises:
+            CheckpointError: settings vitembed does not implement yet (centre crop,
+                shortest-edge resize, no rescale).
+        """
+        # PIL resampling codes, as transformers stores them.
+        codes = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+        size = hf.get("size", {"height": 224, "width": 224})
+        if isinstance(size, int):
+            size = {"height": size, "width": size}
+        if hf.get("do_center_crop") or "height" not in size or size.get("height") != size.get("width"):
+            raise CheckpointError(f"{source}: only square squash-resize preprocessing is supported yet (size={size})")
+        if not hf.get("do_resize", True) or not hf.get("do_rescale", True):
+            raise CheckpointError(f"{source}: do_resize and do_rescale must be true")
+        if abs(float(hf.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
+            raise CheckpointError(f"{source}: rescale_factor other than 1/255 is not supported")
+        normalize = hf.get("do_normalize", True)
+        mean = tuple(hf.get("image_mean", (0.5, 0.5, 0.5))) if normalize else (0.0, 0.0, 0.0)
+        std = tuple(hf.get("image_std", (0.5, 0.5, 0.5))) if normalize else (1.0, 1.0, 1.0)
+        return cls(
+            image_size=int(size["height"]),
+            resize="squash",
+            interpolation=codes.get(int(hf.get("resample", 2)), "bilinear"),
+            mean=mean,  # type: ignore[arg-type]
+            std=std,  # type: ignore[arg-type]
+        )

@@ -1,0 +1,176 @@
+"""Checkpoint conversion: pure functions from a source state dict to vitembed's (timm's) names.
+
+As timm's ``checkpoint_filter_fn``: the source format is detected from tell-tale
+keys, wrapper prefixes are stripped, keys are renamed by tables kept as data,
+q/k/v projections are fused into one ``qkv``, and the parts vitembed does not use
+(classifier heads, the pooler, the mask token) are recognised and dropped.
+Anything else that does not fit is an error naming the first mismatching key:
+nothing is silently left at its initial value.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import CheckpointError
+
+# Wrappers added by DataParallel/DDP, torch.compile, ViTFor*/Lightning modules.
+PREFIXES = ("module.", "_orig_mod.", "vit.", "model.")
+
+# (regex, replacement) applied in order; the first full match wins.
+RENAMES: dict[str, list[tuple[str, str]]] = {
+    # transformers ViTModel as saved on the Hub (google/vit-*), and by save_pretrained.
+    "transformers": [
+        (r"embeddings\.cls_token", r"cls_token"),
+        (r"embeddings\.position_embeddings", r"pos_embed"),
+        (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+        (r"encoder\.layer\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
+        (r"encoder\.layer\.(\d+)\.attention\.attention\.query\.(weight|bias)", r"blocks.\1.attn.q.\2"),
+        (r"encoder\.layer\.(\d+)\.attention\.attention\.key\.(weight|bias)", r"blocks.\1.attn.k.\2"),
+        (r"encoder\.layer\.(\d+)\.attention\.attention\.value\.(weight|bias)", r"blocks.\1.attn.v.\2"),
+        (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+        (r"encoder\.layer\.(\d+)\.layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2"),
+        (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+        (r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+        (r"layernorm\.(weight|bias)", r"norm.\1"),
+    ],
+    # transformers >= 5 in-memory module names (ViTModel.state_dict()).
+    "transformers-v5": [
+        (r"embeddings\.cls_token", r"cls_token"),
+        (r"embeddings\.position_embeddings", r"pos_embed"),
+        (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+        (r"layers\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
+        (r"layers\.(\d+)\.attention\.q_proj\.(weight|bias)", r"blocks.\1.attn.q.\2"),
+        (r"layers\.(\d+)\.attention\.k_proj\.(weight|bias)", r"blocks.\1.attn.k.\2"),
+        (r"layers\.(\d+)\.attention\.v_proj\.(weight|bias)", r"blocks.\1.attn.v.\2"),
+        (r"layers\.(\d+)\.attention\.o_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+        (r"layers\.(\d+)\.layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2"),
+        (r"layers\.(\d+)\.mlp\.fc1\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+        (r"layers\.(\d+)\.mlp\.fc2\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+        (r"layernorm\.(weight|bias)", r"norm.\1"),
+    ],
+    # timm VisionTransformer: already our names.
+    "timm": [],
+}
+
+# Keys present in the sources that vitembed does not use; dropped, per format.
+UNUSED: dict[str, list[str]] = {
+    "transformers": [r"pooler\..*", r"classifier\..*", r"embeddings\.mask_token"],
+    "transformers-v5": [r"pooler\..*", r"classifier\..*", r"embeddings\.mask_token"],
+    "timm": [r"head\..*", r"head_drop\..*"],
+}
+
+# One key that only that format has.
+TELLTALES: list[tuple[str, str]] = [
+    ("transformers", r"encoder\.layer\.\d+\.attention\.attention\.query\.weight"),
+    ("transformers-v5", r"layers\.\d+\.attention\.q_proj\.weight"),
+    ("timm", r"blocks\.\d+\.attn\.qkv\.weight"),
+]
+
+
+def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Remove wrapper prefixes (``module.``, ``_orig_mod.``, ``vit.``, ``model.``) from every key that has them."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def detect_format(state_dict: Mapping[str, Any], source: str = "checkpoint") -> str:
+    """Name of the source format (a key of ``RENAMES``), from the first tell-tale key found.
+
+    Raises:
+        CheckpointError: no known format's tell-tale key is present.
+    """
+    for name, pattern in TELLTALES:
+        if any(re.fullmatch(pattern, key) for key in state_dict):
+            return name
+    first = next(iter(state_dict), "<empty>")
+    raise CheckpointError(
+        f"{source}: not a ViT checkpoint in a known layout (transformers ViTModel or timm); first key is {first!r}"
+    )
+
+
+def _fuse_qkv(state_dict: dict[str, Any], source: str) -> dict[str, Any]:
+    """Concatenate ``blocks.N.attn.{q,k,v}.*`` into ``blocks.N.attn.qkv.*`` (rows q, then k, then v)."""
+    import torch
+
+    out = {}
+    parts: dict[str, dict[str, Any]] = {}
+    for key, value in state_dict.items():
+        m = re.fullmatch(r"(blocks\.\d+\.attn)\.([qkv])\.(weight|bias)", key)
+        if m:
+            parts.setdefault(f"{m.group(1)}.qkv.{m.group(3)}", {})[m.group(2)] = value
+        else:
+            out[key] = value
+    for key, qkv in parts.items():
+        missing = [p for p in "qkv" if p not in qkv]
+        if missing:
+            raise CheckpointError(f"{source}: {key} lacks its {missing[0]} projection")
+        out[key] = torch.cat([qkv["q"], qkv["k"], qkv["v"]], dim=0)
+    return out
+
+
+def convert_state_dict(state_dict: Mapping[str, Any], source: str = "checkpoint") -> dict[str, Any]:
+    """Any supported checkpoint layout -> vitembed/timm parameter names.
+
+    Args:
+        state_dict: name -> tensor, as read from the file.
+        source: file name used in error messages.
+
+    Returns:
+        A new dict with timm names (``patch_embed.proj.weight``, ``blocks.0.attn.qkv.weight``, ...);
+        unused parts (heads, pooler, mask token) are dropped.
+
+    Raises:
+        CheckpointError: unknown layout, or a key the layout's table does not know.
+    """
+    sd = strip_prefixes(state_dict)
+    fmt = detect_format(sd, source)
+    unused = [re.compile(p) for p in UNUSED[fmt]]
+    table = [(re.compile(p), r) for p, r in RENAMES[fmt]]
+    out: dict[str, Any] = {}
+    for key, value in sd.items():
+        if any(p.fullmatch(key) for p in unused):
+            continue
+        if table:
+            for pattern, replacement in table:
+                if pattern.fullmatch(key):
+                    key = pattern.sub(replacement, key)
+                    break
+            else:
+                raise CheckpointError(f"{source}: unexpected key {key!r} in a {fmt} checkpoint")
+        out[key] = value
+    return _fuse_qkv(out, source)
+
+
+def load_converted(model: Any, state_dict: Mapping[str, Any], source: str = "checkpoint") -> None:
+    """Load an already converted state dict into ``model``, strictly.
+
+    Every parameter of the model must be present with its exact shape and no
+    extra key may remain; tensors are cast to the model's dtype.
+
+    Raises:
+        CheckpointError: naming the first missing key, unexpected key or shape mismatch.
+    """
+    expected = model.state_dict()
+    for key, param in expected.items():
+        if key not in state_dict:
+            raise CheckpointError(f"{source}: missing key {key!r} (the checkpoint does not fit this architecture)")
+        got = tuple(state_dict[key].shape)
+        if got != tuple(param.shape):
+            raise CheckpointError(
+                f"{source}: key {key!r} has shape {list(got)}, the architecture expects {list(param.shape)}"
+            )
+    for key in state_dict:
+        if key not in expected:
+            raise CheckpointError(f"{source}: unexpected key {key!r} (the checkpoint does not fit this architecture)")
+    model.load_state_dict(dict(state_dict), strict=True)

@@ -1,0 +1,136 @@
+"""Image files -> the RGB pixels a person sees, or an InputError that says why not.
+
+Pillow does the decoding. On top of it: the EXIF orientation is applied
+(``ImageOps.exif_transpose``), the first frame only is decoded, every mode
+becomes 8-bit RGB (transparency composited onto a background, white by default,
+as transformers' ``convert_to_rgb`` does), 16-bit greyscale is scaled by its bit
+depth instead of being clipped, and each failure becomes an ``InputError`` with
+a short kind and a reason. Does not import torch.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputError
+
+WHITE = (255, 255, 255)
+
+# Pillow modes holding 16 (or 32) bit integers; values are scaled 65535 -> 255.
+_WIDE_INT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
+    """Open ``path`` and decode its first frame, in the file's own mode, upright.
+
+    Args:
+        path: an image file; the format is detected from its content.
+        max_pixels: refuse images whose header claims more pixels than this,
+            before decoding them (default: Pillow's ``Image.MAX_IMAGE_PIXELS``).
+
+    Returns:
+        A loaded PIL image with the EXIF orientation applied. A corrupt EXIF
+        block is ignored rather than losing the image.
+
+    Raises:
+        InputError: kinds ``not-found``, ``unreadable``, ``empty``,
+            ``not-an-image``, ``too-large``, ``truncated``.
+    """
+    name = os.fspath(path)
+    try:
+        st = os.stat(name)
+    except FileNotFoundError:
+        raise InputError(name, "not-found", "no such file") from None
+    except OSError as e:
+        raise InputError(name, "unreadable", e.strerror or str(e)) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(name, "unreadable", "not a regular file")
+    if st.st_size == 0:
+        raise InputError(name, "empty", "empty file (0 bytes)")
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    try:
+        with Image.open(name) as im:
+            if limit is not None and im.width * im.height > limit:
+                raise InputError(
+                    name, "too-large", f"{im.width}x{im.height} pixels exceeds the limit of {limit} (decompression bomb?)"
+                )
+            if im.width == 0 or im.height == 0:
+                raise InputError(name, "not-an-image", f"image has no pixels ({im.width}x{im.height})")
+            im.load()
+            image = im
+    except InputError:
+        raise
+    except UnidentifiedImageError:
+        raise InputError(name, "not-an-image", "cannot identify image format") from None
+    except Image.DecompressionBombError as e:
+        raise InputError(name, "too-large", str(e)) from None
+    except PermissionError as e:
+        raise InputError(name, "unreadable", e.strerror or str(e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        message = str(e) or type(e).__name__
+        kind = "truncated" if "truncated" in message or isinstance(e, EOFError) else "unreadable"
+        raise InputError(name, kind, f"cannot decode: {message}") from None
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a corrupt EXIF block must not lose an otherwise good image
+        return image
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB.
+
+    Images with an alpha band or a transparency key (P, RGB, L with ``tRNS``)
+    are alpha-composited onto ``background``, as transformers' ``convert_to_rgb``
+    does with white. 16-bit integer modes are scaled by 255/65535 (rounded)
+    rather than clipped.
+
+    Raises:
+        InputError: kind ``unsupported`` for 32-bit float (F) images, which have
+            no agreed mapping to display values.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "F":
+        raise InputError(image.filename or "<image>", "unsupported", "32-bit float image (mode F) has no display range")
+    if mode in _WIDE_INT_MODES:
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8), "L")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(base, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(
+    path: str | os.PathLike, max_pixels: int | None = None, background: tuple[int, int, int] = WHITE
+) -> Image.Image:
+    """File -> upright 8-bit RGB PIL image (``open_image`` then ``to_rgb``).
+
+    Raises:
+        InputError: see ``open_image`` and ``to_rgb``.
+    """
+    image = open_image(path, max_pixels=max_pixels)
+    try:
+        return to_rgb(image, background)
+    except InputError as e:
+        raise InputError(os.fspath(path), e.kind, e.reason) from None
+
+
+# Extensions a directory walk picks up (case-insensitive). Raster photo and graphics
+# formats only: Pillow's stub plugins (HDF5, GRIB, MPEG, EPS, WMF) are left out.
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .jfif .png .apng .webp .bmp .dib .gif .tif .tiff .avif .avifs .heic .heif "
+    ".jp2 .j2k .jpx .jpf .tga .ico .ppm .pgm .pbm .pnm .qoi .psd .sgi .pcx".split()
+)
+
+
+def is_image_name(path: str | Path) -> bool:
+    """True if the file name has an image extension from ``IMAGE_EXTENSIONS`` (case-insensitive)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS

@@ -1,0 +1,52 @@
+"""Errors raised by the vitembed library.
+
+The library raises these; the CLI turns them into one message on stderr and an
+exit status (llm / sqlite-utils style). Every error names the file it concerns
+when there is one.
+"""
+
+from __future__ import annotations
+
+
+class VitembedError(Exception):
+    """Base class of every error vitembed raises on purpose.
+
+    ``exit_code`` is the status the CLI exits with when this error ends a run:
+    2 for usage and setup errors (bad options, no weights, bad checkpoint).
+    """
+
+    exit_code = 2
+
+
+class UsageError(VitembedError):
+    """An option or argument that cannot work (unknown model, bad layer, ...)."""
+
+
+class WeightsNotFoundError(VitembedError):
+    """No weights could be found or fetched for the requested model."""
+
+
+class CheckpointError(VitembedError):
+    """A checkpoint that does not fit the architecture: wrong keys or shapes.
+
+    The message names the first mismatching key.
+    """
+
+
+class DeviceError(VitembedError):
+    """An explicitly requested device (``cuda``, ``cuda:N``, ``mps``) is not available."""
+
+
+class InputError(VitembedError):
+    """One input file could not be turned into pixels.
+
+    Raised per file; the pipeline records it and goes on with the other inputs.
+    ``kind`` is a short machine-readable reason (``empty``, ``not-an-image``,
+    ``truncated``, ``unreadable``, ``too-large``, ``unsupported``, ``not-found``).
+    """
+
+    def __init__(self, path: str, kind: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.kind = kind
+        self.reason = reason

@@ -1,0 +1,85 @@
+"""Read back what ``encode`` wrote: tensor names, shapes, dtypes, metadata and statistics.
+
+Reads ``.safetensors`` (through the safetensors library, numpy side) and ``.npy``
+files. Does not import torch, so it starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+
+def _bf16_tensor(path: str, name: str) -> np.ndarray:
+    """A bfloat16 tensor of a safetensors file as float32 (numpy has no bfloat16).
+
+    Layout per the safetensors format: u64 little-endian header length, JSON
+    header with ``data_offsets`` relative to the end of the header, then the data.
+    """
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        info = json.loads(f.read(length))[name]
+        begin, end = info["data_offsets"]
+        f.seek(8 + length + begin)
+        raw = np.frombuffer(f.read(end - begin), dtype="<u2")
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+
+
+def tensor_stats(array: np.ndarray) -> dict[str, Any]:
+    """min, max, mean, std over finite values (float64 accumulation), NaN and Inf counts,
+    and the L2 norm of token 0 (the first row; the whole vector for a 1-D array)."""
+    values = array.astype(np.float64, copy=False)
+    finite = values[np.isfinite(values)]
+    first = values[0] if values.ndim >= 2 else values
+    return {
+        "min": float(finite.min()) if finite.size else None,
+        "max": float(finite.max()) if finite.size else None,
+        "mean": float(finite.mean()) if finite.size else None,
+        "std": float(finite.std()) if finite.size else None,
+        "nan": int(np.isnan(values).sum()),
+        "inf": int(np.isinf(values).sum()),
+        "token0_l2": float(np.sqrt(np.sum(first.astype(np.float64) ** 2))) if first.size else None,
+    }
+
+
+def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Describe one output file.
+
+    Returns:
+        ``{"path", "format", "metadata": {str: str}, "tensors": [{"name", "shape",
+        "dtype", "stats": {...}}]}``.
+
+    Raises:
+        InputError: missing file, or not a readable safetensors/npy file.
+    """
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise InputError(name, "not-found", "no such file")
+    try:
+        if name.endswith(".npy"):
+            array = np.load(name, allow_pickle=False, mmap_mode="r")
+            tensors = [{"name": "embedding", "shape": list(array.shape), "dtype": str(array.dtype), "array": array}]
+            fmt, metadata = "npy", {}
+        else:
+            from safetensors import safe_open
+
+            tensors = []
+            with safe_open(name, framework="numpy") as f:
+                metadata = dict(f.metadata() or {})
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    dtype = sl.get_dtype()
+                    array = _bf16_tensor(name, key) if dtype == "BF16" else f.get_tensor(key)
+                    tensors.append({"name": key, "shape": list(sl.get_shape()), "dtype": dtype.lower(), "array": array})
+            fmt = "safetensors"
+    except Exception as e:
+        raise InputError(name, "unreadable", f"not a readable safetensors or npy file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    for t in tensors:
+        t["stats"] = tensor_stats(np.asarray(t.pop("array")))
+    return {"path": name, "format": fmt, "metadata": metadata, "tensors": tensors}

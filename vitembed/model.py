@@ -1,0 +1,171 @@
+"""The ViT encoder in plain PyTorch, read top to bottom.
+
+Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words", section 3.1 and Eq. 1-4:
+patches -> linear projection -> prepend class token -> add position embedding ->
+pre-norm transformer blocks -> final LayerNorm. Parameter names follow timm's
+``vision_transformer.py`` (patch_embed.proj, cls_token, pos_embed, blocks.N.norm1,
+blocks.N.attn.qkv, blocks.N.attn.proj, blocks.N.norm2, blocks.N.mlp.fc1/fc2, norm),
+so timm state dicts load unchanged. No I/O happens here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ViTConfig, layer_index
+from .errors import UsageError
+
+
+def _activation(name: str) -> nn.Module:
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "quick_gelu":  # CLIP: x * sigmoid(1.702 x)
+        return _QuickGELU()
+    raise UsageError(f"unknown activation {name!r}")
+
+
+class _QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class PatchEmbed(nn.Module):
+    """Image (B, C, H, W) -> patch tokens (B, H/P * W/P, D) by a stride-P convolution."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, D, H/P, W/P)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection, through SDPA."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, D/heads)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, D/heads)
+        x = x.transpose(1, 2).reshape(B, T, D)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.mlp_dim)
+        self.act = _activation(cfg.act)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)) (Eq. 2-3)."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder: pixel values (B, 3, S, S) -> named token encodings (B, T, D).
+
+    T = 1 + (S / P)^2 (197 for ViT-B/16 at 224), D = ``cfg.hidden_size``.
+    Follows timm's ``VisionTransformer`` (class token, no distillation token,
+    no registers) and matches transformers' ``ViTModel`` outputs.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.hidden_size))
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> "VisionTransformer":
+        """Standard ViT initialisation, reproducible from ``seed``.
+
+        As transformers' ``ViTPreTrainedModel._init_weights``: truncated normal
+        (std 0.02) for linear and conv weights, class token and position
+        embedding; zero biases; LayerNorm weight 1, bias 0. Uses its own
+        ``torch.Generator``, so the global RNG is untouched.
+        """
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d)):
+                    nn.init.trunc_normal_(module.weight, std=std, generator=g)
+                    if module.bias is not None:
+                        module.bias.zero_()
+                elif isinstance(module, nn.LayerNorm):
+                    module.weight.fill_(1.0)
+                    module.bias.zero_()
+            nn.init.trunc_normal_(self.cls_token, std=std, generator=g)
+            nn.init.trunc_normal_(self.pos_embed, std=std, generator=g)
+        return self
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> token encodings (B, T, D): patches, class token, position embedding (Eq. 1)."""
+        B, _, H, W = pixel_values.shape
+        S = self.cfg.image_size
+        if (H, W) != (S, S):
+            raise UsageError(f"input is {H}x{W} pixels; this model takes {S}x{S}")
+        x = self.patch_embed(pixel_values)  # (B, N, D)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, D)
+        return x + self.pos_embed
+
+    def forward(self, pixel_values: torch.Tensor, layers: Iterable[str] = ("last",)) -> dict[str, torch.Tensor]:
+        """Run the encoder as far as the deepest requested layer.
+
+        Args:
+            pixel_values: (B, 3, S, S) float tensor, already normalised, on the
+                model's device and in its dtype.
+            layers: names from ``"embeddings"``, ``"1"``..``str(depth)``, ``"last"``
+                (see ``config.layer_index``).
+
+        Returns:
+            ``{name: (B, T, D) tensor}`` for each requested name. ``"embeddings"``
+            equals transformers' ``hidden_states[0]``, ``"N"`` is
+            ``hidden_states[N]``, ``"last"`` is ``last_hidden_state``.
+        """
+        wanted = {name: layer_index(name, self.cfg.depth) for name in layers}
+        deepest = max(wanted.values(), default=0)
+        keep = set(wanted.values())
+        states: dict[int, torch.Tensor] = {}
+        x = self.embed(pixel_values)  # (B, T, D)
+        if 0 in keep:
+            states[0] = x
+        for i, block in enumerate(self.blocks[: min(deepest, self.cfg.depth)], start=1):
+            x = block(x)  # (B, T, D)
+            if i in keep:
+                states[i] = x
+        if deepest == self.cfg.depth + 1:
+            states[deepest] = self.norm(x)  # (B, T, D)
+        out = {name: states[index] for name, index in wanted.items()}
+        return out

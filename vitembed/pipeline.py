@@ -1,0 +1,369 @@
+"""The encode loop, as stages with narrow interfaces.
+
+    plan_jobs (inputs.py)      inputs -> [Job]
+    decode_stage               Job -> (S, S, 3) uint8, in worker threads (Pillow releases the GIL)
+    batch_stage                -> (B, S, S, 3) uint8 batches
+    Encoder                    uint8 batch -> (B, T, D) embeddings on the CPU
+    write_embedding            embedding -> file, atomically (writers.py)
+
+``encode`` wires them together and reports each finished input through a
+callback, so that a CLI, a notebook or a batch system can show progress its own way.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import __version__
+from .catalog import DEFAULT_MODEL, get_model_spec
+from .config import layer_index
+from .errors import DeviceError, InputError, UsageError
+from .inputs import Job
+from .model import VisionTransformer
+from .preprocess import load_pixels, normalize, normalize_table
+from .weights import ResolvedWeights, build_model, resolve_weights
+from .writers import FORMATS, write_embedding
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+
+    Raises:
+        DeviceError: an explicit device that is not available (never a silent fallback).
+        UsageError: a name that is not a device.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name}: CUDA is not available (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"--device {name}: MPS is not available")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def parse_dtype(name: str, option: str = "--dtype") -> torch.dtype:
+    """``float32``, ``bfloat16`` or ``float16`` -> torch dtype. Raises UsageError otherwise."""
+    if name not in DTYPES:
+        raise UsageError(f"{option} {name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+class Encoder:
+    """A model on a device with its preprocessing: uint8 pixel batches -> embeddings.
+
+    Args:
+        weights: resolved weights (``weights.resolve_weights``).
+        layer: ``last``, ``embeddings`` or a block number (see ``config.layer_index``).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+        dtype: compute precision, ``float32`` | ``bfloat16`` | ``float16``.
+        save_dtype: dtype of the returned embeddings (float32 by default).
+        model: an already built model for ``weights`` (default: ``build_model(weights)``).
+        model_name: catalog name recorded in the metadata.
+
+    Raises:
+        UsageError, DeviceError, CheckpointError.
+    """
+
+    def __init__(
+        self,
+        weights: ResolvedWeights,
+        layer: str = "last",
+        device: str = "auto",
+        dtype: str = "float32",
+        save_dtype: str = "float32",
+        model: VisionTransformer | None = None,
+        model_name: str = "",
+    ):
+        layer_index(layer, weights.config.depth)  # validate early
+        self.weights = weights
+        self.model_name = model_name
+        self.layer = layer
+        self.device = resolve_device(device)
+        self.dtype_name, self.save_dtype_name = dtype, save_dtype
+        self.dtype = parse_dtype(dtype)
+        self.save_dtype = parse_dtype(save_dtype, "--save-dtype")
+        model = model if model is not None else build_model(weights)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.table = normalize_table(weights.preprocess).to(self.device)
+
+    @property
+    def preprocess(self):
+        return self.weights.preprocess
+
+    @property
+    def output_shape(self) -> tuple[int, int]:
+        """(tokens, hidden) of one image's embedding: (197, 768) for ViT-B/16 at 224."""
+        return (self.weights.config.num_tokens, self.weights.config.hidden_size)
+
+    @torch.inference_mode()
+    def __call__(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(B, S, S, 3) uint8 RGB -> (B, T, D) CPU tensor in ``save_dtype``."""
+        batch = torch.as_tensor(pixels).to(self.device, non_blocking=True)
+        x = normalize(batch, self.table, self.dtype)  # (B, 3, S, S)
+        out = self.model(x, layers=(self.layer,))[self.layer]  # (B, T, D)
+        return out.to(self.save_dtype).cpu()
+
+    def metadata(self) -> dict[str, str]:
+        """String metadata saying exactly how the embeddings were made (safetensors header)."""
+        w, cfg, pre = self.weights, self.weights.config, self.weights.preprocess
+        meta = {
+            "vitembed_version": __version__,
+            "model": self.model_name,
+            "weights": w.source,
+            "weights_sha256": w.sha256,
+            "random_weights": "true" if w.random else "false",
+            "layer": self.layer,
+            "tokens": str(cfg.num_tokens),
+            "hidden_size": str(cfg.hidden_size),
+            "prefix_tokens": str(cfg.num_prefix_tokens),
+            "grid": f"{cfg.grid_size}x{cfg.grid_size}",
+            "patch_size": str(cfg.patch_size),
+            "image_size": str(pre.image_size),
+            "resize": pre.resize,
+            "interpolation": pre.interpolation,
+            "mean": ",".join(repr(float(v)) for v in pre.mean),
+            "std": ",".join(repr(float(v)) for v in pre.std),
+            "dtype": self.dtype_name,
+            "save_dtype": self.save_dtype_name,
+        }
+        if w.random:
+            meta["seed"] = str(w.seed)
+        return meta
+
+
+@dataclass
+class Result:
+    """What happened to one input: ``status`` is ``encoded`` or ``failed``."""
+
+    source: str
+    status: str
+    output: str | None = None
+    error: InputError | None = None
+
+
+@dataclass
+class Summary:
+    """Counts and timing of an ``encode`` run (seconds of wall time)."""
+
+    encoded: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    results: list[Result] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def decode_stage(
+    jobs: Iterable[Job], load: Callable[[str], np.ndarray], workers: int, lookahead: int
+) -> Iterator[tuple[Job, np.ndarray | InputError]]:
+    """Decode + resize in ``workers`` threads, in input order, at most ``lookahead`` images in flight."""
+    def run(job: Job) -> np.ndarray | InputError:
+        try:
+            return load(job.source)
+        except InputError as e:
+            return e
+        except Exception as e:  # a decoder bug must not end the job: report this file, go on
+            return InputError(job.source, "unreadable", f"{type(e).__name__}: {e}")
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vitembed-decode") as pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append((job, pool.submit(run, job)))
+            if len(pending) >= lookahead:
+                done_job, future = pending.popleft()
+                yield done_job, future.result()
+        while pending:
+            done_job, future = pending.popleft()
+            yield done_job, future.result()
+
+
+def batch_stage(
+    decoded: Iterable[tuple[Job, np.ndarray | InputError]], batch_size: int
+) -> Iterator[tuple[list[Job], np.ndarray | None, list[tuple[Job, InputError]]]]:
+    """Group decoded images into (jobs, (B, S, S, 3) uint8, failures seen meanwhile).
+
+    Every batch but the last holds exactly ``batch_size`` images; failed inputs
+    ride along with the batch that follows them.
+    """
+    jobs: list[Job] = []
+    arrays: list[np.ndarray] = []
+    failures: list[tuple[Job, InputError]] = []
+    for job, item in decoded:
+        if isinstance(item, InputError):
+            failures.append((job, item))
+        else:
+            jobs.append(job)
+            arrays.append(item)
+        if len(jobs) == batch_size:
+            yield jobs, (np.stack(arrays) if arrays else None), failures
+            jobs, arrays, failures = [], [], []
+    if jobs or failures:
+        yield jobs, (np.stack(arrays) if arrays else None), failures
+
+
+def encode_jobs(
+    jobs: list[Job],
+    encoder: Encoder,
+    fmt: str = "safetensors",
+    batch_size: int = 32,
+    workers: int | None = None,
+    max_pixels: int | None = None,
+    on_result: Callable[[Result], None] | None = None,
+) -> Summary:
+    """Run the stages over ``jobs``: decode, batch, model, write.
+
+    A file that cannot be decoded, or whose output cannot be written, is reported
+    as a failed ``Result`` and the run goes on. Outputs are written atomically.
+
+    Args:
+        jobs: from ``inputs.plan_jobs``.
+        encoder: the model stage.
+        fmt: ``safetensors`` or ``npy``.
+        batch_size: images per model call.
+        workers: decode threads (default: usable cores).
+        max_pixels: refuse images larger than this (default: Pillow's limit).
+        on_result: called once per input when it is written or has failed.
+    """
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "npy" and encoder.save_dtype == torch.bfloat16:
+        raise UsageError("--format npy cannot hold bfloat16; use --save-dtype float16/float32 or --format safetensors")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    workers = workers or usable_cores()
+    summary = Summary()
+    start = time.perf_counter()
+    base_meta = encoder.metadata()
+    pre = encoder.preprocess
+
+    def report(result: Result) -> None:
+        summary.results.append(result)
+        if result.status == "encoded":
+            summary.encoded += 1
+        else:
+            summary.failed += 1
+        if on_result is not None:
+            on_result(result)
+
+    def load(path: str) -> np.ndarray:
+        return load_pixels(path, pre, max_pixels=max_pixels)
+
+    decoded = decode_stage(jobs, load, workers, lookahead=2 * batch_size)
+    for batch_jobs, pixels, failures in batch_stage(decoded, batch_size):
+        for job, error in failures:
+            report(Result(job.source, "failed", error=error))
+        if pixels is None:
+            continue
+        embeddings = encoder(pixels)  # (B, T, D)
+        for job, embedding in zip(batch_jobs, embeddings):
+            try:
+                write_embedding(job.output, embedding, {**base_meta, "source": job.source}, fmt)
+            except OSError as e:
+                error = InputError(job.source, "write-failed", f"cannot write {job.output}: {e.strerror or e}")
+                report(Result(job.source, "failed", error=error))
+                continue
+            report(Result(job.source, "encoded", output=str(job.output)))
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def load_encoder(
+    model: str = DEFAULT_MODEL,
+    weights: str | None = None,
+    seed: int = 0,
+    layer: str = "last",
+    device: str = "auto",
+    dtype: str = "float32",
+    save_dtype: str = "float32",
+    progress: bool = True,
+) -> Encoder:
+    """Resolve weights for a catalog model and build its ``Encoder``.
+
+    Raises:
+        UsageError, WeightsNotFoundError, CheckpointError, DeviceError.
+    """
+    spec = get_model_spec(model)
+    resolved = resolve_weights(spec, weights, seed=seed, progress=progress)
+    layer_index(layer, resolved.config.depth)
+    resolve_device(device)
+    return Encoder(resolved, layer=layer, device=device, dtype=dtype, save_dtype=save_dtype, model_name=spec.name)
+
+
+def encode(
+    inputs: Iterable[str],
+    out_dir: str | os.PathLike,
+    *,
+    encoder: Encoder | None = None,
+    fmt: str = "safetensors",
+    batch_size: int = 32,
+    workers: int | None = None,
+    max_pixels: int | None = None,
+    stdin_paths: Iterable[str] = (),
+    on_result: Callable[[Result], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
+    **encoder_options,
+) -> Summary:
+    """Encode image files and directories into ``out_dir``: the Python form of ``vitembed encode``.
+
+    Args:
+        inputs: image files and directories (searched recursively).
+        out_dir: output directory; one ``<relative path>.<fmt>`` per image.
+        encoder: a prepared ``Encoder``; if None one is built by ``load_encoder(**encoder_options)``.
+        fmt, batch_size, workers, max_pixels, on_result: as ``encode_jobs``.
+        stdin_paths: extra paths, placed as ``vitembed encode -`` places them.
+        on_plan: called once with the number of inputs, before any is encoded.
+
+    Returns:
+        The run's ``Summary``; inputs that could not be planned (missing paths,
+        output collisions) count as failed.
+    """
+    from .inputs import plan_jobs
+
+    if encoder is None:
+        encoder = load_encoder(**encoder_options)
+    jobs, problems = plan_jobs(list(inputs), out_dir, fmt, stdin_paths)
+    if on_plan is not None:
+        on_plan(len(jobs) + len(problems))
+    early = [Result(p.path, "failed", error=p) for p in problems]
+    for result in early:
+        if on_result is not None:
+            on_result(result)
+    summary = encode_jobs(
+        jobs, encoder, fmt=fmt, batch_size=batch_size, workers=workers, max_pixels=max_pixels, on_result=on_result
+    )
+    summary.failed += len(early)
+    summary.results[:0] = early
+    return summary

@@ -1,0 +1,85 @@
+"""RGB image -> model input: resize in Pillow (uint8), then rescale and normalise in torch.
+
+Reproduces transformers' ``ViTImageProcessor`` (PIL backend) to the bit for the
+google/vit checkpoints: ``Image.resize((S, S), BILINEAR)`` on the RGB image, then
+``float32(float64(v) * (1/255))``, then ``(x - mean) / std`` in float32. The last
+two steps are done as a per-channel lookup table on the uint8 values, so the
+device receives compact uint8 batches and the result is bit-identical to the
+reference on any device.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from .config import PreprocessConfig
+from .decode import WHITE, decode_image
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+def resize(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """RGB PIL image -> (S, S, 3) uint8 array, S = ``cfg.image_size``.
+
+    ``squash``: the whole image resized to S x S with ``cfg.interpolation``,
+    aspect ratio not kept (transformers' ViTImageProcessor, ``do_center_crop=False``).
+    """
+    size = (cfg.image_size, cfg.image_size)
+    if image.size != size:
+        image = image.resize(size, resample=_RESAMPLE[cfg.interpolation], reducing_gap=None)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_pixels(
+    path: str | os.PathLike,
+    cfg: PreprocessConfig,
+    max_pixels: int | None = None,
+    background: tuple[int, int, int] = WHITE,
+) -> np.ndarray:
+    """The decode + resize stage for one file: path -> (S, S, 3) uint8 RGB.
+
+    Raises:
+        InputError: the file cannot be decoded (see ``decode.open_image``).
+    """
+    return resize(decode_image(path, max_pixels=max_pixels, background=background), cfg)
+
+
+def normalize_table(cfg: PreprocessConfig):
+    """(3, 256) float32 tensor: the normalised value of each uint8 level, per channel.
+
+    Computed exactly as transformers does it: rescale in float64, cast to
+    float32, subtract the float32 mean and divide by the float32 std.
+    """
+    import torch
+
+    levels = (torch.arange(256, dtype=torch.float64) * (1 / 255)).to(torch.float32)  # (256,)
+    mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None]  # (3, 1)
+    std = torch.tensor(cfg.std, dtype=torch.float32)[:, None]
+    return (levels[None, :] - mean) / std  # (3, 256)
+
+
+def normalize(pixels, table, dtype=None):
+    """uint8 batch (B, S, S, 3) -> normalised float batch (B, 3, S, S).
+
+    Args:
+        pixels: uint8 torch tensor, channels last, on any device.
+        table: ``normalize_table(cfg)`` on the same device.
+        dtype: output dtype (default float32); the lookup itself is float32.
+    """
+    import torch
+
+    offsets = torch.arange(3, device=pixels.device, dtype=torch.int32) * 256  # (3,)
+    index = pixels.to(torch.int32) + offsets  # (B, S, S, 3)
+    x = table.reshape(-1)[index]  # (B, S, S, 3) float32
+    x = x.permute(0, 3, 1, 2)  # (B, 3, S, S)
+    return x.to(dtype).contiguous() if dtype is not None else x.contiguous()

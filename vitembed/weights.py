@@ -1,0 +1,220 @@
+"""Where the weights come from, and building the model from them.
+
+Resolution order when ``--weights`` is not given: ``$VITEMBED_WEIGHTS`` (empty
+means unset), then ``weights/<model name>/`` under the current directory, then
+the Hugging Face cache and a download through huggingface_hub (which honours
+``HF_HUB_OFFLINE``, ``HF_HOME`` and ``HF_HUB_CACHE``). ``--weights random`` is
+the only way to get random weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .catalog import ModelSpec
+from .config import PreprocessConfig, ViTConfig
+from .errors import CheckpointError, WeightsNotFoundError
+
+RANDOM = "random"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+ENV_VAR = "VITEMBED_WEIGHTS"
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """What the model is built from.
+
+    Attributes:
+        source: where the weights came from, for humans and metadata
+            (``random``, a path, or ``hf://<repo>``).
+        config: the architecture.
+        preprocess: the checkpoint's reference preprocessing.
+        file: the weights file (None for random weights).
+        sha256: hex digest of ``file`` ("" for random weights).
+        random: True only for ``--weights random``.
+        seed: the seed of random weights (None otherwise).
+    """
+
+    source: str
+    config: ViTConfig
+    preprocess: PreprocessConfig
+    file: Path | None = None
+    sha256: str = ""
+    random: bool = False
+    seed: int | None = None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _from_path(path: Path, spec: ModelSpec, how: str) -> ResolvedWeights:
+    """A transformers checkpoint directory, or a single weights file (architecture from ``spec``)."""
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise WeightsNotFoundError(f"{how}: {path} has no config.json (expected a transformers checkpoint directory)")
+        file = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
+        if file is None:
+            raise WeightsNotFoundError(f"{how}: {path} has neither {' nor '.join(WEIGHT_FILES)}")
+        config = ViTConfig.from_transformers(_read_json(config_file), str(config_file))
+        pre_file = path / "preprocessor_config.json"
+        if pre_file.is_file():
+            preprocess = PreprocessConfig.from_transformers(_read_json(pre_file), str(pre_file))
+        else:
+            preprocess = spec.preprocess.replace(image_size=config.image_size)
+        return ResolvedWeights(str(path), config, preprocess, file, sha256_file(file))
+    if path.is_file():
+        return ResolvedWeights(str(path), spec.config(), spec.preprocess, path, sha256_file(path))
+    raise WeightsNotFoundError(f"{how}: {path} does not exist")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON: {e}") from None
+
+
+def _from_hub(spec: ModelSpec, progress: bool) -> tuple[ResolvedWeights | None, str]:
+    """Weights from the Hugging Face cache, downloading them if allowed. Returns (weights, why not)."""
+    import huggingface_hub
+    from huggingface_hub import constants, hf_hub_download
+
+    if not progress:
+        huggingface_hub.utils.disable_progress_bars()
+    reasons = []
+    for local_only in (True, False):
+        if not local_only and constants.HF_HUB_OFFLINE:
+            reasons.append("download not tried: HF_HUB_OFFLINE is set")
+            break
+        try:
+            config_file = Path(hf_hub_download(spec.repo, "config.json", local_files_only=local_only))
+        except Exception as e:  # huggingface_hub raises many kinds: offline, not cached, HTTP
+            reasons.append(f"{'cache' if local_only else 'download'}: {type(e).__name__}: {str(e).splitlines()[0]}")
+            continue
+        for name in WEIGHT_FILES:
+            try:
+                file = Path(hf_hub_download(spec.repo, name, local_files_only=local_only))
+            except Exception as e:
+                reasons.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0]}")
+                continue
+            config = ViTConfig.from_transformers(_read_json(config_file), str(config_file))
+            preprocess = spec.preprocess.replace(image_size=config.image_size)
+            return ResolvedWeights(f"hf://{spec.repo}", config, preprocess, file, sha256_file(file)), ""
+    return None, "; ".join(reasons)
+
+
+def resolve_weights(
+    spec: ModelSpec,
+    weights: str | os.PathLike | None = None,
+    seed: int = 0,
+    *,
+    cwd: str | os.PathLike | None = None,
+    environ: dict[str, str] | None = None,
+    progress: bool = True,
+) -> ResolvedWeights:
+    """Find the weights for ``spec``.
+
+    Args:
+        spec: the catalog entry (architecture and preprocessing defaults).
+        weights: ``"random"``, a checkpoint directory or file, or None to search.
+        seed: seed of random weights.
+        cwd: directory whose ``weights/<name>/`` is searched (default: current).
+        environ: environment to read ``VITEMBED_WEIGHTS`` from (default: os.environ).
+        progress: show huggingface_hub's download progress bars (on stderr).
+
+    Raises:
+        WeightsNotFoundError: nothing found; the message says every place looked
+            at and how to provide weights.
+        CheckpointError: a config that is not a supported ViT.
+    """
+    environ = os.environ if environ is None else environ
+    if weights is not None and os.fspath(weights) == RANDOM:
+        return ResolvedWeights(RANDOM, spec.config(), spec.preprocess, random=True, seed=seed)
+    if weights is not None:
+        return _from_path(Path(weights).expanduser(), spec, "--weights")
+    looked = ["--weights: not given"]
+    env_value = environ.get(ENV_VAR, "")
+    if env_value:
+        return _from_path(Path(env_value).expanduser(), spec, f"${ENV_VAR}")
+    looked.append(f"${ENV_VAR}: not set")
+    local = Path(cwd or os.getcwd()) / "weights" / spec.name
+    if local.exists():
+        return _from_path(local, spec, str(local))
+    looked.append(f"{local}: does not exist")
+    resolved, why = _from_hub(spec, progress)
+    if resolved is not None:
+        return resolved
+    looked.append(f"Hugging Face cache and Hub ({spec.repo}): {why}")
+    raise WeightsNotFoundError(
+        f"no weights found for model {spec.name!r}. Looked at:\n"
+        + "".join(f"  - {line}\n" for line in looked)
+        + "Provide them in one of these ways:\n"
+        f"  - vitembed encode ... --weights DIR   (a transformers checkpoint: config.json + model.safetensors)\n"
+        f"  - vitembed encode ... --weights FILE.safetensors   (architecture from --model)\n"
+        f"  - export {ENV_VAR}=DIR\n"
+        f"  - put config.json and model.safetensors in {local}/\n"
+        f"  - on a machine with network access, run once without HF_HUB_OFFLINE to download {spec.repo}\n"
+        f"    into the Hugging Face cache, or: hf download {spec.repo} config.json model.safetensors\n"
+        f"  - vitembed encode ... --weights random   (random weights: meaningless embeddings, for testing)"
+    )
+
+
+def read_state_dict(file: Path) -> dict[str, Any]:
+    """Tensors of a ``.safetensors`` file, or of a torch pickle read with ``weights_only=True``.
+
+    Wrapper dicts (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped.
+
+    Raises:
+        CheckpointError: unreadable file, or one that needs code to unpickle.
+    """
+    import torch
+
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file), device="cpu")
+        obj = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot read checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
+        raise CheckpointError(f"{file}: not a state dict of tensors")
+    return obj
+
+
+def build_model(weights: ResolvedWeights):
+    """The ``VisionTransformer`` for ``weights``: float32, CPU, eval mode.
+
+    Random weights use the standard initialisation from ``weights.seed``;
+    otherwise the checkpoint is converted (``convert.convert_state_dict``) and
+    loaded strictly.
+
+    Raises:
+        CheckpointError: keys or shapes that do not fit (first mismatching key named).
+    """
+    from .convert import convert_state_dict, load_converted
+    from .model import VisionTransformer
+
+    model = VisionTransformer(weights.config)
+    if weights.random:
+        model.init_weights(seed=weights.seed or 0)
+    else:
+        assert weights.file is not None
+        state_dict = convert_state_dict(read_state_dict(weights.file), str(weights.file))
+        load_converted(model, state_dict, str(weights.file))
+    return model.eval()
