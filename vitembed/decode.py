@@ -86,25 +86,28 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
 
     Images with an alpha band or a transparency key (P, RGB, L with ``tRNS``)
     are alpha-composited onto ``background``, as transformers' ``convert_to_rgb``
-    does with white. 16-bit integer modes are scaled by 255/65535 (rounded)
-    rather than clipped.
+    does with white; premultiplied modes (La, RGBa) too. 16-bit integer modes
+    (I;16, I;16B, I) are scaled by 255/65535 and rounded rather than clipped.
 
     Raises:
         InputError: kind ``unsupported`` for 32-bit float (F) images, which have
             no agreed mapping to display values.
     """
     mode = image.mode
-    if mode == "RGB":
-        return image
     if mode == "F":
-        raise InputError(image.filename or "<image>", "unsupported", "32-bit float image (mode F) has no display range")
+        name = getattr(image, "filename", "") or "<image>"
+        raise InputError(name, "unsupported", "32-bit float image (mode F) has no agreed display range")
     if mode in _WIDE_INT_MODES:
         wide = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8), "L")
+    elif mode in ("La", "RGBa"):  # premultiplied alpha: un-premultiply, then composite like the others
+        image = image.convert("LA" if mode == "La" else "RGBA")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         base = Image.new("RGBA", rgba.size, (*background, 255))
         return Image.alpha_composite(base, rgba).convert("RGB")
+    if image.mode == "RGB":
+        return image
     return image.convert("RGB")
 
 

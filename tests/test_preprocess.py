@@ -1,0 +1,135 @@
+"""Preprocessing equals transformers' ViTImageProcessor (PIL backend) to the bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.image_transforms import convert_to_rgb
+from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+from vitembed.config import PreprocessConfig
+from vitembed.decode import to_rgb
+from vitembed.errors import InputError
+from vitembed.preprocess import load_pixels, normalize, normalize_table
+
+from .conftest import jpeg_bytes, photo
+
+CFG = PreprocessConfig()
+TABLE = normalize_table(CFG)
+PROCESSOR = ViTImageProcessorPil()
+
+
+def ours(path) -> torch.Tensor:
+    return normalize(torch.from_numpy(np.array(load_pixels(path, CFG)))[None], TABLE)
+
+
+def reference(path) -> torch.Tensor:
+    # ViTImageProcessor leaves do_convert_rgb unset and then fails on non-RGB modes;
+    # vitembed's reference is the processor with transformers' own convert_to_rgb applied.
+    with Image.open(path) as im:
+        return PROCESSOR(im, do_convert_rgb=True, return_tensors="pt")["pixel_values"]
+
+
+@pytest.mark.parametrize("size", [(160, 120), (500, 375), (37, 211), (224, 224), (1, 1), (3000, 2), (2, 700)])
+def test_jpeg_photos_match_bit_for_bit(tmp_path, size):
+    path = tmp_path / "p.jpg"
+    path.write_bytes(jpeg_bytes(photo(*size, seed=size[0])))
+    got, want = ours(path), reference(path)
+    assert got.shape == want.shape == (1, 3, 224, 224) and got.dtype == want.dtype == torch.float32
+    assert torch.equal(got, want)
+
+
+def _mode_image(mode: str) -> Image.Image:
+    base = photo(96, 64, seed=3)
+    if mode == "P+transparency":
+        im = base.convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
+        im.info["transparency"] = 5
+        return im
+    if mode == "RGB+tRNS":
+        im = base.copy()
+        im.paste((10, 20, 30), (0, 0, 40, 30))
+        im.info["transparency"] = (10, 20, 30)
+        return im
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        alpha = Image.fromarray(np.tile(np.linspace(0, 255, 96, dtype=np.uint8), (64, 1)), "L")
+        im = base.convert("RGBA")
+        im.putalpha(alpha)
+        return im.convert(mode) if mode != "RGBA" else im
+    return base.convert(mode)
+
+
+MODES = ["1", "L", "LA", "P", "PA", "P+transparency", "RGB", "RGB+tRNS", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_converts_like_transformers(mode):
+    im = _mode_image(mode)
+    got = np.asarray(to_rgb(im))
+    want = convert_to_rgb(im, return_numpy=True)
+    assert got.shape == want.shape and got.dtype == np.uint8
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("mode,fmt", [("1", "PNG"), ("L", "PNG"), ("LA", "PNG"), ("P+transparency", "PNG"), ("RGB+tRNS", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("CMYK", "TIFF"), ("YCbCr", "TIFF"), ("RGBA", "WEBP")])
+def test_mode_files_match_processor(tmp_path, mode, fmt):
+    im = _mode_image(mode)
+    path = tmp_path / f"m.{fmt.lower()}"
+    kwargs = {"lossless": True} if fmt == "WEBP" else {}
+    if "transparency" in im.info:
+        kwargs["transparency"] = im.info["transparency"]
+    im.save(path, fmt, **kwargs)
+    with Image.open(path) as check:
+        assert check.mode == im.mode.split("+")[0] or fmt == "WEBP"
+    assert torch.equal(ours(path), reference(path))
+
+
+@pytest.mark.parametrize("mode", ["La", "RGBa"])
+def test_premultiplied_alpha_is_composited_too(mode):
+    # transformers' convert_to_rgb fails on La and drops the alpha of RGBa (black background).
+    # pixel 0: fully transparent (premultiplied colour 0); pixel 1: opaque.
+    if mode == "La":
+        im, opaque = Image.frombytes("La", (2, 1), bytes([0, 0, 124, 255])), [124, 124, 124]
+    else:
+        im, opaque = Image.frombytes("RGBa", (2, 1), bytes([0, 0, 0, 0, 200, 100, 50, 255])), [200, 100, 50]
+    assert np.asarray(to_rgb(im)).tolist() == [[[255, 255, 255], opaque]]
+
+
+def test_transparent_pixels_become_white_not_their_hidden_colour():
+    im = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # red, fully transparent
+    assert np.asarray(to_rgb(im)).tolist() == [[[255, 255, 255]] * 4] * 4
+    assert np.asarray(to_rgb(im, background=(0, 0, 0))).tolist() == [[[0, 0, 0]] * 4] * 4
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path, mode):
+    array = np.full((8, 8), 4660, dtype=np.uint16)
+    array[0, 0] = 65535
+    if mode == "I":
+        im = Image.fromarray(array.astype(np.int32))
+    else:
+        im = Image.frombytes(mode, (8, 8), array.astype("<u2" if mode == "I;16" else ">u2").tobytes())
+    assert im.mode == mode
+    rgb = np.asarray(to_rgb(im))
+    assert rgb[1, 1].tolist() == [18, 18, 18]  # round(4660 * 255 / 65535)
+    assert rgb[0, 0].tolist() == [255, 255, 255]
+    path = tmp_path / "g16.png"
+    Image.fromarray(array).save(path)
+    assert np.asarray(load_pixels(path, CFG))[100, 100].tolist() == [18, 18, 18]
+
+
+def test_float_images_are_refused(tmp_path):
+    path = tmp_path / "f.tif"
+    Image.fromarray(np.zeros((4, 4), np.float32), "F").save(path)
+    with pytest.raises(InputError, match="mode F") as info:
+        load_pixels(path, CFG)
+    assert info.value.kind == "unsupported" and info.value.path == str(path)
+
+
+def test_normalize_table_values():
+    # level 0 -> (0 - 0.5) / 0.5 = -1, level 255 -> +1, level 128 -> float32(128/255*2-1)
+    assert TABLE.shape == (3, 256) and TABLE.dtype == torch.float32
+    assert TABLE[:, 0].tolist() == [-1.0] * 3 and TABLE[:, 255].tolist() == [1.0] * 3
+    imagenet = normalize_table(PreprocessConfig(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+    assert imagenet[0, 0].item() == pytest.approx(-0.485 / 0.229, abs=1e-6)
