@@ -88,7 +88,7 @@ def test_inspect_reads_outputs_back(tmp_path, small_ckpt):
     for info, file in zip(infos, files):
         array, meta = _load(file)
         (tensor,) = info["tensors"]
-        assert tensor["name"] == "embedding" and tensor["shape"] == [17, 48] and tensor["dtype"] == "f32"
+        assert tensor["name"] == "embedding" and tensor["shape"] == [17, 48] and tensor["dtype"] == "float32"
         assert info["metadata"] == meta
         stats = tensor["stats"]
         assert stats["min"] == pytest.approx(float(array.min())) and stats["max"] == pytest.approx(float(array.max()))
@@ -98,7 +98,7 @@ def test_inspect_reads_outputs_back(tmp_path, small_ckpt):
     human = run_cli("inspect", str(files[0]))
     assert human.returncode == 0
     text = human.stdout.decode()
-    assert "shape (17, 48)" in text and "weights_sha256" in text and "token0_l2" in text
+    assert "shape (17, 48) float32" in text and "weights_sha256" in text and "token0_l2" in text
 
 
 def test_bad_files_are_named_and_skipped_and_exit_1(tmp_path, small_ckpt):
@@ -151,7 +151,7 @@ def test_npy_any_block_and_save_dtypes(tmp_path, small_ckpt):
     r = run_cli("encode", str(img), "--out", str(tmp_path / "b"), "--weights", str(small_ckpt), "--save-dtype", "bfloat16")
     assert r.returncode == 0, r.stderr.decode()
     info = json.loads(run_cli("inspect", str(tmp_path / "b" / "p.png.safetensors"), "--json").stdout)
-    assert info["tensors"][0]["dtype"] == "bf16" and info["metadata"]["save_dtype"] == "bfloat16"
+    assert info["tensors"][0]["dtype"] == "bfloat16" and info["metadata"]["save_dtype"] == "bfloat16"
     last = _reference(small_ckpt, img)
     assert info["tensors"][0]["stats"]["max"] == pytest.approx(float(last.max()), rel=1e-2)
 
@@ -238,3 +238,19 @@ def test_inspect_bad_file_exit_1(tmp_path):
     assert r.returncode == 1
     err = r.stderr.decode()
     assert f"{bad}: not a readable safetensors or npy file" in err and "missing.npy: no such file" in err
+
+
+def test_no_images_found_warns_and_does_not_load_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    r = run_cli("encode", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--weights", "/no/such/weights")
+    assert r.returncode == 0, r.stderr.decode()
+    assert "no image files found" in r.stderr.decode()
+    assert not (tmp_path / "o").exists()
+
+
+def test_option_errors_come_before_loading_weights(tmp_path):
+    photo(20, 20).save(tmp_path / "p.png")
+    r = run_cli("encode", str(tmp_path / "p.png"), "--out", str(tmp_path / "o"), "--weights", "random", "--format", "npy", "--save-dtype", "bfloat16")
+    assert r.returncode == 2
+    assert "npy cannot hold bfloat16" in r.stderr.decode() and "random weights" not in r.stderr.decode()

@@ -49,7 +49,7 @@ def _stderr(quiet: bool = False) -> Console:
 
 
 def _fail(message: str, code: int = 2) -> "typer.Exit":
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", markup=False)
+    _stderr().print(f"error: {message}", markup=False)
     return typer.Exit(code)
 
 
@@ -79,7 +79,8 @@ def encode(
     weights: Annotated[
         Optional[str],
         typer.Option(
-            help="Checkpoint directory (config.json + model.safetensors), a .safetensors file, or 'random'.",
+            help="Checkpoint directory (config.json + model.safetensors or pytorch_model.bin), "
+            "a .safetensors/.bin file (architecture from --model), or 'random'.",
             show_default=False,
         ),
     ] = None,
@@ -95,12 +96,13 @@ def encode(
     ] = None,
     null: Annotated[bool, typer.Option("--null", "-0", help="Paths on stdin are NUL-separated (find -print0).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per input on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No panel, progress or summary on stderr.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No panel, progress or summary on stderr (warnings and errors stay).")
+    ] = False,
 ) -> None:
     """Encode images into one embedding file per image under --out."""
-    from . import pipeline  # imports torch
-    from .inputs import read_path_list
-    from .progress import EncodeProgress, start_panel
+    from .inputs import plan_jobs, read_path_list
+    from .writers import check_format
 
     err = _stderr(quiet)
     stdin_paths: list[str] = []
@@ -108,8 +110,16 @@ def encode(
         stdin_paths = read_path_list(sys.stdin.buffer, null_separated=null)
         inputs = [i for i in inputs if i != "-"]
     try:
+        check_format(fmt.value, save_dtype.value)
+        jobs, problems = plan_jobs(inputs, out, fmt.value, stdin_paths)
+        if not jobs and not problems:
+            _stderr().print("warning: no image files found among the inputs; nothing to do", markup=False)
+            return
+        from . import pipeline  # imports torch
+        from .progress import EncodeProgress, start_panel
+
         if weights == "random":
-            Console(stderr=True, highlight=False).print(
+            _stderr().print(
                 "warning: --weights random: the model has random weights; its embeddings carry no meaning.",
                 markup=False,
             )
@@ -124,8 +134,8 @@ def encode(
             progress=not quiet and err.is_terminal,
         )
         start_panel(err, encoder, workers or pipeline.usable_cores(), out)
-        failed_lines = Console(stderr=True, highlight=False, soft_wrap=True)
-        with EncodeProgress(err, enabled=not quiet) as progress:
+        failed_lines = _stderr()
+        with EncodeProgress(err, total=len(jobs) + len(problems), enabled=not quiet) as progress:
 
             def on_result(result: "pipeline.Result") -> None:
                 if result.error is not None:
@@ -138,19 +148,19 @@ def encode(
                     sys.stdout.flush()
                 progress.advance()
 
-            summary = pipeline.encode(
-                inputs,
-                out,
-                encoder=encoder,
+            summary = pipeline.encode_jobs(
+                jobs,
+                encoder,
                 fmt=fmt.value,
                 batch_size=batch_size,
                 workers=workers,
-                stdin_paths=stdin_paths,
                 on_result=on_result,
-                on_plan=progress.set_total,
+                problems=problems,
             )
     except VitembedError as e:
         raise _fail(str(e), e.exit_code) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted; the outputs already written are complete", 130) from None
     err.print(
         f"encoded {summary.encoded}, failed {summary.failed} in {summary.seconds:.1f} s "
         f"({summary.images_per_second:.1f} images/s) -> {out}",
@@ -175,7 +185,7 @@ def inspect(
             info = inspect_file(file)
         except InputError as e:
             failed += 1
-            Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {e}", markup=False)
+            _stderr().print(f"error: {e}", markup=False)
             continue
         if as_json:
             sys.stdout.write(json.dumps(info, ensure_ascii=False) + "\n")

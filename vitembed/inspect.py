@@ -76,7 +76,8 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
                     sl = f.get_slice(key)
                     dtype = sl.get_dtype()
                     array = _bf16_tensor(name, key) if dtype == "BF16" else f.get_tensor(key)
-                    tensors.append({"name": key, "shape": list(sl.get_shape()), "dtype": dtype.lower(), "array": array})
+                    name_of = "bfloat16" if dtype == "BF16" else str(array.dtype)
+                    tensors.append({"name": key, "shape": list(sl.get_shape()), "dtype": name_of, "array": array})
             fmt = "safetensors"
     except Exception as e:
         raise InputError(name, "unreadable", f"not a readable safetensors or npy file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -30,7 +30,7 @@ from .inputs import Job
 from .model import VisionTransformer
 from .preprocess import load_pixels, normalize, normalize_table
 from .weights import ResolvedWeights, build_model, resolve_weights
-from .writers import FORMATS, write_embedding
+from .writers import check_format, write_embedding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -139,6 +139,11 @@ class Encoder:
             "layer": self.layer,
             "tokens": str(cfg.num_tokens),
             "hidden_size": str(cfg.hidden_size),
+            "depth": str(cfg.depth),
+            "num_heads": str(cfg.num_heads),
+            "mlp_dim": str(cfg.mlp_dim),
+            "layer_norm_eps": repr(cfg.layer_norm_eps),
+            "act": cfg.act,
             "prefix_tokens": str(cfg.num_prefix_tokens),
             "grid": f"{cfg.grid_size}x{cfg.grid_size}",
             "patch_size": str(cfg.patch_size),
@@ -198,7 +203,8 @@ def decode_stage(
         except Exception as e:  # a decoder bug must not end the job: report this file, go on
             return InputError(job.source, "unreadable", f"{type(e).__name__}: {e}")
 
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vitembed-decode") as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vitembed-decode")
+    try:
         pending: deque = deque()
         for job in jobs:
             pending.append((job, pool.submit(run, job)))
@@ -208,6 +214,8 @@ def decode_stage(
         while pending:
             done_job, future = pending.popleft()
             yield done_job, future.result()
+    finally:  # on an error or Ctrl-C downstream, drop the queued decodes instead of finishing them
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def batch_stage(
@@ -242,6 +250,7 @@ def encode_jobs(
     workers: int | None = None,
     max_pixels: int | None = None,
     on_result: Callable[[Result], None] | None = None,
+    problems: Iterable[InputError] = (),
 ) -> Summary:
     """Run the stages over ``jobs``: decode, batch, model, write.
 
@@ -256,11 +265,9 @@ def encode_jobs(
         workers: decode threads (default: usable cores).
         max_pixels: refuse images larger than this (default: Pillow's limit).
         on_result: called once per input when it is written or has failed.
+        problems: inputs that could not become jobs (from ``plan_jobs``); reported first as failed.
     """
-    if fmt not in FORMATS:
-        raise UsageError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if fmt == "npy" and encoder.save_dtype == torch.bfloat16:
-        raise UsageError("--format npy cannot hold bfloat16; use --save-dtype float16/float32 or --format safetensors")
+    check_format(fmt, encoder.save_dtype_name)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
     workers = workers or usable_cores()
@@ -280,6 +287,9 @@ def encode_jobs(
 
     def load(path: str) -> np.ndarray:
         return load_pixels(path, pre, max_pixels=max_pixels)
+
+    for problem in problems:
+        report(Result(problem.path, "failed", error=problem))
 
     decoded = decode_stage(jobs, load, workers, lookahead=2 * batch_size)
     for batch_jobs, pixels, failures in batch_stage(decoded, batch_size):
@@ -333,7 +343,6 @@ def encode(
     max_pixels: int | None = None,
     stdin_paths: Iterable[str] = (),
     on_result: Callable[[Result], None] | None = None,
-    on_plan: Callable[[int], None] | None = None,
     **encoder_options,
 ) -> Summary:
     """Encode image files and directories into ``out_dir``: the Python form of ``vitembed encode``.
@@ -344,7 +353,6 @@ def encode(
         encoder: a prepared ``Encoder``; if None one is built by ``load_encoder(**encoder_options)``.
         fmt, batch_size, workers, max_pixels, on_result: as ``encode_jobs``.
         stdin_paths: extra paths, placed as ``vitembed encode -`` places them.
-        on_plan: called once with the number of inputs, before any is encoded.
 
     Returns:
         The run's ``Summary``; inputs that could not be planned (missing paths,
@@ -355,15 +363,13 @@ def encode(
     if encoder is None:
         encoder = load_encoder(**encoder_options)
     jobs, problems = plan_jobs(list(inputs), out_dir, fmt, stdin_paths)
-    if on_plan is not None:
-        on_plan(len(jobs) + len(problems))
-    early = [Result(p.path, "failed", error=p) for p in problems]
-    for result in early:
-        if on_result is not None:
-            on_result(result)
-    summary = encode_jobs(
-        jobs, encoder, fmt=fmt, batch_size=batch_size, workers=workers, max_pixels=max_pixels, on_result=on_result
+    return encode_jobs(
+        jobs,
+        encoder,
+        fmt=fmt,
+        batch_size=batch_size,
+        workers=workers,
+        max_pixels=max_pixels,
+        on_result=on_result,
+        problems=problems,
     )
-    summary.failed += len(early)
-    summary.results[:0] = early
-    return summary

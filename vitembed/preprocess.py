@@ -37,7 +37,7 @@ def resize(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     size = (cfg.image_size, cfg.image_size)
     if image.size != size:
         image = image.resize(size, resample=_RESAMPLE[cfg.interpolation], reducing_gap=None)
-    return np.asarray(image, dtype=np.uint8)
+    return np.array(image, dtype=np.uint8)  # a writable copy, safe to hand to torch
 
 
 def load_pixels(

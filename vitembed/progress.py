@@ -44,7 +44,8 @@ class _Speed(ProgressColumn):
 class EncodeProgress:
     """A progress bar with images/s and ETA; does nothing when disabled or stderr is not a terminal."""
 
-    def __init__(self, console: Console, enabled: bool = True):
+    def __init__(self, console: Console, total: int | None = None, enabled: bool = True):
+        self.total = total
         self.enabled = enabled and console.is_terminal and not console.quiet
         self._progress = (
             Progress(
@@ -64,16 +65,12 @@ class EncodeProgress:
     def __enter__(self) -> "EncodeProgress":
         if self._progress is not None:
             self._progress.__enter__()
-            self._task = self._progress.add_task("encode", total=None)
+            self._task = self._progress.add_task("encode", total=self.total)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)
-
-    def set_total(self, total: int) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, total=total)
 
     def advance(self) -> None:
         if self._progress is not None:

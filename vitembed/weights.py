@@ -101,7 +101,10 @@ def _from_hub(spec: ModelSpec, progress: bool) -> tuple[ResolvedWeights | None, 
         try:
             config_file = Path(hf_hub_download(spec.repo, "config.json", local_files_only=local_only))
         except Exception as e:  # huggingface_hub raises many kinds: offline, not cached, HTTP
-            reasons.append(f"{'cache' if local_only else 'download'}: {type(e).__name__}: {str(e).splitlines()[0]}")
+            if local_only:
+                reasons.append(f"not in the cache ({constants.HF_HUB_CACHE})")
+            else:
+                reasons.append(f"download failed: {type(e).__name__}: {str(e).splitlines()[0]}")
             continue
         for name in WEIGHT_FILES:
             try:

@@ -16,6 +16,16 @@ FORMATS = ("safetensors", "npy")
 TENSOR_NAME = "embedding"
 
 
+def check_format(fmt: str, save_dtype: str) -> None:
+    """Raise UsageError for a format that does not exist or cannot hold ``save_dtype``."""
+    from .errors import UsageError
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "npy" and save_dtype == "bfloat16":
+        raise UsageError("--format npy cannot hold bfloat16; use --save-dtype float16/float32 or --format safetensors")
+
+
 def atomic_write(path: Path, data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
