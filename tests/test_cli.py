@@ -73,7 +73,7 @@ def test_encode_directory_writes_one_file_per_image_matching_transformers(tmp_pa
         assert meta["vitembed_version"]
         diff = np.abs(array - _reference(small_ckpt, src)).max()
         assert diff < 1e-4, (rel, diff)
-    assert "encoded 4, failed 0" in r.stderr.decode()
+    assert "encoded 4, skipped 0, failed 0" in r.stderr.decode()
 
 
 def test_inspect_reads_outputs_back(tmp_path, small_ckpt):
@@ -119,7 +119,7 @@ def test_bad_files_are_named_and_skipped_and_exit_1(tmp_path, small_ckpt):
     assert f"{src / 'empty.jpg'}: empty file" in err
     assert f"{src / 'text.jpg'}: cannot identify image format" in err
     assert f"{src / 'truncated.jpg'}: cannot decode: image file is truncated" in err
-    assert "encoded 2, failed 3" in err
+    assert "encoded 2, skipped 0, failed 3" in err
     for name in ("good1.jpg", "good2.png"):
         assert _load(out / f"{name}.safetensors")[0].shape == (17, 48)
 

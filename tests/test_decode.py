@@ -118,3 +118,21 @@ def test_animated_gif_gives_first_frame(tmp_path):
     path = tmp_path / "anim.gif"
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=10, loop=0)
     assert np.asarray(decode_image(path))[4, 4].tolist() == [255, 0, 0]
+
+
+def test_heif_decodes_with_pillow_heif_and_is_named_without_it(tmp_path, monkeypatch):
+    import vitembed.decode as decode
+
+    path = tmp_path / "photo.heic"
+    y, x = np.mgrid[0:48, 0:64]
+    upright = Image.fromarray(np.stack([x * 4, y * 5, 255 - x * 2], -1).astype(np.uint8), "RGB")  # smooth
+    upright.save(path, "HEIF", quality=95)
+    got = decode_image(path)
+    assert got.mode == "RGB" and got.size == (64, 48)
+    assert np.abs(np.asarray(got, np.int16) - np.asarray(upright, np.int16)).mean() < 3
+
+    fake = tmp_path / "not-really.jpg"  # a HEIF header Pillow cannot identify, named .jpg
+    fake.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
+    monkeypatch.setattr(decode, "HEIF_SUPPORT", False)
+    err = _kind(fake)
+    assert err.kind == "unsupported" and "HEIF/HEIC" in err.reason and "vitembed[heif]" in err.reason

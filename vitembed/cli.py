@@ -84,7 +84,7 @@ def encode(
             show_default=False,
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed for --weights random.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Seed for --weights random.")] = 0,
     layer: Annotated[str, typer.Option(help="last | embeddings | N (output of block N, 1..depth).")] = "last",
     fmt: Annotated[Format, typer.Option("--format", help="Output file format.")] = Format.safetensors,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 32,
@@ -101,9 +101,16 @@ def encode(
     ] = False,
 ) -> None:
     """Encode images into one embedding file per image under --out."""
+    from .errors import printable
     from .inputs import plan_jobs, read_path_list
-    from .writers import check_format
+    from .writers import check_format, check_out_dir
 
+    import warnings
+
+    from PIL import Image
+
+    # vitembed refuses images over the pixel limit itself, with a message naming the file.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     err = _stderr(quiet)
     stdin_paths: list[str] = []
     if "-" in inputs:
@@ -111,13 +118,18 @@ def encode(
         inputs = [i for i in inputs if i != "-"]
     try:
         check_format(fmt.value, save_dtype.value)
-        jobs, problems = plan_jobs(inputs, out, fmt.value, stdin_paths)
-        if not jobs and not problems:
+        check_out_dir(out)
+        plan = plan_jobs(inputs, out, fmt.value, stdin_paths)
+        if not len(plan):
             _stderr().print("warning: no image files found among the inputs; nothing to do", markup=False)
             return
         from . import pipeline  # imports torch
         from .progress import EncodeProgress, start_panel
 
+        if quiet:
+            from huggingface_hub.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
         if weights == "random":
             _stderr().print(
                 "warning: --weights random: the model has random weights; its embeddings carry no meaning.",
@@ -135,35 +147,35 @@ def encode(
         )
         start_panel(err, encoder, workers or pipeline.usable_cores(), out)
         failed_lines = _stderr()
-        with EncodeProgress(err, total=len(jobs) + len(problems), enabled=not quiet) as progress:
+        with EncodeProgress(err, total=len(plan), enabled=not quiet) as progress:
 
             def on_result(result: "pipeline.Result") -> None:
                 if result.error is not None:
                     failed_lines.print(f"failed: {result.error}", markup=False)
+                elif result.reason is not None:
+                    err.print(f"skipped: {printable(result.source)}: {result.reason}", markup=False)
                 if as_json:
-                    line = {"source": result.source, "status": result.status, "output": result.output}
+                    line = {"source": printable(result.source), "status": result.status, "output": None}
+                    if result.output is not None:
+                        line["output"] = printable(result.output)
                     if result.error is not None:
                         line.update(error_kind=result.error.kind, error=result.error.reason)
+                    if result.reason is not None:
+                        line["reason"] = result.reason
                     sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
                     sys.stdout.flush()
                 progress.advance()
 
             summary = pipeline.encode_jobs(
-                jobs,
-                encoder,
-                fmt=fmt.value,
-                batch_size=batch_size,
-                workers=workers,
-                on_result=on_result,
-                problems=problems,
+                plan, encoder, fmt=fmt.value, batch_size=batch_size, workers=workers, on_result=on_result
             )
     except VitembedError as e:
         raise _fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:
         raise _fail("interrupted; the outputs already written are complete", 130) from None
     err.print(
-        f"encoded {summary.encoded}, failed {summary.failed} in {summary.seconds:.1f} s "
-        f"({summary.images_per_second:.1f} images/s) -> {out}",
+        f"encoded {summary.encoded}, skipped {summary.skipped}, failed {summary.failed} in {summary.seconds:.1f} s "
+        f"({summary.images_per_second:.1f} images/s) -> {printable(out)}",
         markup=False,
     )
     if summary.failed:
@@ -176,6 +188,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per file on stdout.")] = False,
 ) -> None:
     """Show tensor names, shapes, dtypes, metadata and statistics of output files."""
+    from .errors import printable
     from .inspect import inspect_file
 
     out = Console(highlight=False, soft_wrap=True)
@@ -187,6 +200,10 @@ def inspect(
             failed += 1
             _stderr().print(f"error: {e}", markup=False)
             continue
+        except Exception as e:  # one odd file must not hide the others
+            failed += 1
+            _stderr().print(f"error: {printable(file)}: cannot inspect: {type(e).__name__}: {e}", markup=False)
+            continue
         if as_json:
             sys.stdout.write(json.dumps(info, ensure_ascii=False) + "\n")
             continue
@@ -197,7 +214,7 @@ def inspect(
             out.print(
                 "    "
                 + "  ".join(
-                    f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
+                    f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {'-' if v is None else v}"
                     for k, v in s.items()
                 ),
                 markup=False,

@@ -64,6 +64,12 @@ class ViTConfig:
     act: str = "gelu"
 
     def __post_init__(self) -> None:
+        for name in ("hidden_size", "depth", "num_heads", "mlp_dim", "patch_size", "image_size", "num_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UsageError(f"{name} must be a positive integer (got {value!r})")
+        if not isinstance(self.layer_norm_eps, float) or not 0 < self.layer_norm_eps < 1:
+            raise UsageError(f"layer_norm_eps must be a number in (0, 1) (got {self.layer_norm_eps!r})")
         if self.hidden_size % self.num_heads:
             raise UsageError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.image_size % self.patch_size:
@@ -117,11 +123,13 @@ class ViTConfig:
             CheckpointError: the config is not a ViT (``model_type`` other than ``vit``)
                 or uses settings vitembed does not implement.
         """
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"{source}: expected a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type", "vit")
         if model_type != "vit":
             raise CheckpointError(f"{source}: model_type {model_type!r} is not supported (expected 'vit')")
         act = hf.get("hidden_act", "gelu")
-        if act not in _HF_ACT:
+        if not isinstance(act, str) or act not in _HF_ACT:
             raise CheckpointError(f"{source}: hidden_act {act!r} is not supported")
 
         def side(value: Any, name: str) -> int:
@@ -129,23 +137,30 @@ class ViTConfig:
                 if len(set(value)) != 1:
                     raise CheckpointError(f"{source}: non-square {name} {value} is not supported")
                 value = value[0]
+            return _int(value, name)
+
+        def _int(value: Any, name: str) -> int:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+                raise CheckpointError(f"{source}: {name} must be an integer (got {value!r})")
             return int(value)
 
         try:
             return cls(
-                hidden_size=int(hf["hidden_size"]),
-                depth=int(hf["num_hidden_layers"]),
-                num_heads=int(hf["num_attention_heads"]),
-                mlp_dim=int(hf["intermediate_size"]),
+                hidden_size=_int(hf["hidden_size"], "hidden_size"),
+                depth=_int(hf["num_hidden_layers"], "num_hidden_layers"),
+                num_heads=_int(hf["num_attention_heads"], "num_attention_heads"),
+                mlp_dim=_int(hf["intermediate_size"], "intermediate_size"),
                 patch_size=side(hf.get("patch_size", 16), "patch_size"),
                 image_size=side(hf.get("image_size", 224), "image_size"),
-                num_channels=int(hf.get("num_channels", 3)),
+                num_channels=_int(hf.get("num_channels", 3), "num_channels"),
                 layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
                 qkv_bias=bool(hf.get("qkv_bias", True)),
                 act=_HF_ACT[act],
             )
         except KeyError as e:
             raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: {e}") from None
         except UsageError as e:
             raise CheckpointError(f"{source}: {e}") from None
 
@@ -197,14 +212,17 @@ class PreprocessConfig:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size < 1:
+            raise UsageError(f"image size must be a positive integer (got {self.image_size!r})")
         if self.resize not in RESIZE_MODES:
             raise UsageError(f"unknown resize mode {self.resize!r}; expected one of {', '.join(RESIZE_MODES)}")
         if self.interpolation not in INTERPOLATIONS:
             raise UsageError(
                 f"unknown interpolation {self.interpolation!r}; expected one of {', '.join(INTERPOLATIONS)}"
             )
-        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
-            raise UsageError(f"mean and std need 3 values each, std > 0 (got mean={self.mean}, std={self.std})")
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (*self.mean, *self.std))
+        if len(self.mean) != 3 or len(self.std) != 3 or not numbers or any(s <= 0 for s in self.std):
+            raise UsageError(f"mean and std need 3 numbers each, std > 0 (got mean={self.mean}, std={self.std})")
 
     def replace(self, **changes: Any) -> "PreprocessConfig":
         return dataclasses.replace(self, **changes)
@@ -219,22 +237,30 @@ class PreprocessConfig:
         """
         # PIL resampling codes, as transformers stores them.
         codes = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-        size = hf.get("size", {"height": 224, "width": 224})
-        if isinstance(size, int):
-            size = {"height": size, "width": size}
-        if hf.get("do_center_crop") or "height" not in size or size.get("height") != size.get("width"):
-            raise CheckpointError(f"{source}: only square squash-resize preprocessing is supported yet (size={size})")
-        if not hf.get("do_resize", True) or not hf.get("do_rescale", True):
-            raise CheckpointError(f"{source}: do_resize and do_rescale must be true")
-        if abs(float(hf.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
-            raise CheckpointError(f"{source}: rescale_factor other than 1/255 is not supported")
-        normalize = hf.get("do_normalize", True)
-        mean = tuple(hf.get("image_mean", (0.5, 0.5, 0.5))) if normalize else (0.0, 0.0, 0.0)
-        std = tuple(hf.get("image_std", (0.5, 0.5, 0.5))) if normalize else (1.0, 1.0, 1.0)
-        return cls(
-            image_size=int(size["height"]),
-            resize="squash",
-            interpolation=codes.get(int(hf.get("resample", 2)), "bilinear"),
-            mean=mean,  # type: ignore[arg-type]
-            std=std,  # type: ignore[arg-type]
-        )
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"{source}: expected a JSON object, got {type(hf).__name__}")
+        try:
+            size = hf.get("size", {"height": 224, "width": 224})
+            if isinstance(size, int):
+                size = {"height": size, "width": size}
+            if hf.get("do_center_crop") or not isinstance(size, dict) or size.get("height") != size.get("width"):
+                raise CheckpointError(f"{source}: only square squash-resize preprocessing is supported yet (size={size})")
+            if not hf.get("do_resize", True) or not hf.get("do_rescale", True):
+                raise CheckpointError(f"{source}: do_resize and do_rescale must be true")
+            if abs(float(hf.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
+                raise CheckpointError(f"{source}: rescale_factor other than 1/255 is not supported")
+            resample = hf.get("resample", 2)
+            if resample not in codes:
+                raise CheckpointError(f"{source}: unknown resample {resample!r}")
+            normalize = hf.get("do_normalize", True)
+            mean = tuple(hf.get("image_mean", (0.5, 0.5, 0.5))) if normalize else (0.0, 0.0, 0.0)
+            std = tuple(hf.get("image_std", (0.5, 0.5, 0.5))) if normalize else (1.0, 1.0, 1.0)
+            return cls(
+                image_size=size["height"],
+                resize="squash",
+                interpolation=codes[resample],
+                mean=mean,  # type: ignore[arg-type]
+                std=std,  # type: ignore[arg-type]
+            )
+        except (UsageError, TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{source}: {e}") from None

@@ -21,6 +21,14 @@ from .errors import InputError
 
 WHITE = (255, 255, 255)
 
+try:  # optional: HEIF/HEIC through pillow-heif (pip install 'vitembed[heif]')
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    HEIF_SUPPORT = True
+except ImportError:
+    HEIF_SUPPORT = False
+
 # Pillow modes holding 16 (or 32) bit integers; values are scaled 65535 -> 255.
 _WIDE_INT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
@@ -66,6 +74,12 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     except InputError:
         raise
     except UnidentifiedImageError:
+        if _is_heif(name) and not HEIF_SUPPORT:
+            raise InputError(
+                name, "unsupported", "HEIF/HEIC image: Pillow needs pillow-heif for it (pip install 'vitembed[heif]')"
+            ) from None
+        if _is_heif(name):
+            raise InputError(name, "not-an-image", "HEIF/HEIC file that pillow-heif cannot read") from None
         raise InputError(name, "not-an-image", "cannot identify image format") from None
     except Image.DecompressionBombError as e:
         raise InputError(name, "too-large", str(e)) from None
@@ -73,12 +87,26 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
         raise InputError(name, "unreadable", e.strerror or str(e)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         message = str(e) or type(e).__name__
-        kind = "truncated" if "truncated" in message or isinstance(e, EOFError) else "unreadable"
+        kind = "truncated" if "truncated" in message.lower() or isinstance(e, EOFError) else "unreadable"
         raise InputError(name, kind, f"cannot decode: {message}") from None
     try:
         return ImageOps.exif_transpose(image)
     except Exception:  # a corrupt EXIF block must not lose an otherwise good image
         return image
+
+
+# ISO BMFF brands of HEIF/HEIC still images (ISO/IEC 23008-12).
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+
+
+def _is_heif(path: str) -> bool:
+    """True if the file starts with an ISO BMFF ``ftyp`` box of a HEIF brand."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+    except OSError:
+        return False
+    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:

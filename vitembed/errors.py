@@ -8,6 +8,14 @@ when there is one.
 from __future__ import annotations
 
 
+def printable(path) -> str:
+    """A path as valid UTF-8 text: bytes that are not UTF-8 (surrogate-escaped by the OS layer)
+    become ``\\xNN`` escapes, so metadata, JSON and messages never fail on odd file names."""
+    import os
+
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 class VitembedError(Exception):
     """Base class of every error vitembed raises on purpose.
 
@@ -46,7 +54,7 @@ class InputError(VitembedError):
     """
 
     def __init__(self, path: str, kind: str, reason: str):
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"{printable(path)}: {reason}")
         self.path = path
         self.kind = kind
         self.reason = reason

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .decode import is_image_name
@@ -50,9 +50,19 @@ def read_path_list(stream, null_separated: bool = False) -> list[str]:
     return [e for e in entries if e]
 
 
-def walk_images(directory: str) -> Iterator[str]:
-    """Image files under ``directory``, recursively, in sorted order; symlinked directories not followed."""
-    for root, dirs, files in os.walk(directory):
+def walk_images(directory: str, errors: list[InputError] | None = None) -> Iterator[str]:
+    """Image files under ``directory``, recursively, in sorted order.
+
+    Symlinked directories are not followed (so symlink loops cannot hang the
+    walk). A folder that cannot be listed is appended to ``errors`` as an
+    ``unreadable`` InputError instead of being skipped silently.
+    """
+
+    def on_error(e: OSError) -> None:
+        if errors is not None:
+            errors.append(InputError(e.filename or directory, "unreadable", f"cannot list folder: {e.strerror or e}"))
+
+    for root, dirs, files in os.walk(directory, onerror=on_error):
         dirs.sort()
         for name in sorted(files):
             if is_image_name(name):
@@ -69,9 +79,26 @@ def _safe_relpath(path: str) -> str:
     return PurePosixPath(*Path(normal).parts).as_posix()
 
 
-def plan_jobs(
-    inputs: Iterable[str], out_dir: str | os.PathLike, fmt: str, stdin_paths: Iterable[str] = ()
-) -> tuple[list[Job], list[InputError]]:
+@dataclass
+class Plan:
+    """The inputs of a run, expanded.
+
+    Attributes:
+        jobs: images to encode, in a deterministic order.
+        problems: inputs that cannot become jobs (missing path, unreadable
+            folder, two sources mapped to one output), as ``InputError``.
+        duplicates: (source, first source) for inputs naming a file already planned.
+    """
+
+    jobs: list[Job] = field(default_factory=list)
+    problems: list[InputError] = field(default_factory=list)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.jobs) + len(self.problems) + len(self.duplicates)
+
+
+def plan_jobs(inputs: Iterable[str], out_dir: str | os.PathLike, fmt: str, stdin_paths: Iterable[str] = ()) -> Plan:
     """Expand inputs into jobs.
 
     Args:
@@ -82,41 +109,41 @@ def plan_jobs(
         stdin_paths: paths read from stdin.
 
     Returns:
-        (jobs, problems): jobs in a deterministic order, each source once; problems
-        are inputs that cannot become jobs (missing path, two sources mapped
-        to the same output), reported as ``InputError`` so the run can go on.
+        A ``Plan``; each source file is planned once (the same file named twice,
+        also through a symlink, is listed in ``duplicates``).
     """
     out = Path(out_dir)
+    plan = Plan()
     candidates: list[tuple[str, str]] = []
-    problems: list[InputError] = []
     for arg in inputs:
         if os.path.isdir(arg):
-            for path in walk_images(arg):
+            for path in walk_images(arg, plan.problems):
                 candidates.append((path, PurePosixPath(*Path(os.path.relpath(path, arg)).parts).as_posix()))
         elif os.path.lexists(arg):
             candidates.append((arg, Path(arg).name))
         else:
-            problems.append(InputError(arg, "not-found", "no such file or directory"))
+            plan.problems.append(InputError(arg, "not-found", "no such file or directory"))
     for path in stdin_paths:
         if os.path.isdir(path):
-            for inner in walk_images(path):
+            for inner in walk_images(path, plan.problems):
                 candidates.append((inner, _safe_relpath(inner)))
         else:
             candidates.append((path, _safe_relpath(path)))
 
-    jobs: list[Job] = []
     by_output: dict[str, str] = {}
-    seen_sources: set[str] = set()
+    first_of: dict[str, str] = {}
     for source, rel in candidates:
-        key = os.path.realpath(source)
-        if key in seen_sources:
+        # Only existing regular files are the same file by identity; anything else is its own input.
+        key = os.path.realpath(source) if os.path.isfile(source) else source
+        if key in first_of:
+            plan.duplicates.append((source, first_of[key]))
             continue
-        seen_sources.add(key)
+        first_of[key] = source
         if rel in by_output:
-            problems.append(
+            plan.problems.append(
                 InputError(source, "collision", f"would write the same output as {by_output[rel]} ({rel}.{fmt})")
             )
             continue
         by_output[rel] = source
-        jobs.append(Job(source, rel, out / f"{rel}.{fmt}"))
-    return jobs, problems
+        plan.jobs.append(Job(source, rel, out / f"{rel}.{fmt}"))
+    return plan

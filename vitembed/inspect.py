@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, printable
 
 
 def _bf16_tensor(path: str, name: str) -> np.ndarray:
@@ -33,19 +33,27 @@ def _bf16_tensor(path: str, name: str) -> np.ndarray:
 
 def tensor_stats(array: np.ndarray) -> dict[str, Any]:
     """min, max, mean, std over finite values (float64 accumulation), NaN and Inf counts,
-    and the L2 norm of token 0 (the first row; the whole vector for a 1-D array)."""
-    values = array.astype(np.float64, copy=False)
-    finite = values[np.isfinite(values)]
-    first = values[0] if values.ndim >= 2 else values
-    return {
-        "min": float(finite.min()) if finite.size else None,
-        "max": float(finite.max()) if finite.size else None,
-        "mean": float(finite.mean()) if finite.size else None,
-        "std": float(finite.std()) if finite.size else None,
-        "nan": int(np.isnan(values).sum()),
-        "inf": int(np.isinf(values).sum()),
-        "token0_l2": float(np.sqrt(np.sum(first.astype(np.float64) ** 2))) if first.size else None,
-    }
+    and the L2 norm of token 0 (the first row; the whole vector for a 1-D array).
+
+    Values that cannot be computed (empty or non-numeric arrays, overflow) are None.
+    """
+    empty = dict.fromkeys(("min", "max", "mean", "std", "nan", "inf", "token0_l2"))
+    if array.dtype.kind not in "biuf" or array.size == 0:
+        return empty
+    with np.errstate(all="ignore"):
+        values = array.astype(np.float64, copy=False)
+        finite = values[np.isfinite(values)]
+        first = values[0] if values.ndim >= 2 else values
+        stats = {
+            "min": finite.min() if finite.size else None,
+            "max": finite.max() if finite.size else None,
+            "mean": finite.mean() if finite.size else None,
+            "std": finite.std() if finite.size else None,
+            "nan": int(np.isnan(values).sum()),
+            "inf": int(np.isinf(values).sum()),
+            "token0_l2": np.sqrt(np.sum(first**2)) if first.size else None,
+        }
+    return {k: (float(v) if np.isfinite(v) else None) if isinstance(v, np.floating) else v for k, v in stats.items()}
 
 
 def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -59,8 +67,10 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
         InputError: missing file, or not a readable safetensors/npy file.
     """
     name = os.fspath(path)
-    if not os.path.isfile(name):
+    if not os.path.lexists(name):
         raise InputError(name, "not-found", "no such file")
+    if not os.path.isfile(name):
+        raise InputError(name, "unreadable", "not a regular file")
     try:
         if name.endswith(".npy"):
             array = np.load(name, allow_pickle=False, mmap_mode="r")
@@ -83,4 +93,4 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
         raise InputError(name, "unreadable", f"not a readable safetensors or npy file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     for t in tensors:
         t["stats"] = tensor_stats(np.asarray(t.pop("array")))
-    return {"path": name, "format": fmt, "metadata": metadata, "tensors": tensors}
+    return {"path": printable(name), "format": fmt, "metadata": metadata, "tensors": tensors}

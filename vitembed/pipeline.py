@@ -25,8 +25,8 @@ import torch
 from . import __version__
 from .catalog import DEFAULT_MODEL, get_model_spec
 from .config import layer_index
-from .errors import DeviceError, InputError, UsageError
-from .inputs import Job
+from .errors import DeviceError, InputError, UsageError, printable
+from .inputs import Job, Plan
 from .model import VisionTransformer
 from .preprocess import load_pixels, normalize, normalize_table
 from .weights import ResolvedWeights, build_model, resolve_weights
@@ -162,12 +162,17 @@ class Encoder:
 
 @dataclass
 class Result:
-    """What happened to one input: ``status`` is ``encoded`` or ``failed``."""
+    """What happened to one input.
+
+    ``status`` is ``encoded`` (``output`` written), ``failed`` (``error`` says
+    why) or ``skipped`` (``reason`` says why, e.g. the same file given twice).
+    """
 
     source: str
     status: str
     output: str | None = None
     error: InputError | None = None
+    reason: str | None = None
 
 
 @dataclass
@@ -176,6 +181,7 @@ class Summary:
 
     encoded: int = 0
     failed: int = 0
+    skipped: int = 0
     seconds: float = 0.0
     results: list[Result] = field(default_factory=list)
 
@@ -220,52 +226,45 @@ def decode_stage(
 
 def batch_stage(
     decoded: Iterable[tuple[Job, np.ndarray | InputError]], batch_size: int
-) -> Iterator[tuple[list[Job], np.ndarray | None, list[tuple[Job, InputError]]]]:
-    """Group decoded images into (jobs, (B, S, S, 3) uint8, failures seen meanwhile).
-
-    Every batch but the last holds exactly ``batch_size`` images; failed inputs
-    ride along with the batch that follows them.
-    """
-    jobs: list[Job] = []
-    arrays: list[np.ndarray] = []
-    failures: list[tuple[Job, InputError]] = []
+) -> Iterator[list[tuple[Job, np.ndarray | InputError]]]:
+    """Cut the decoded stream into chunks holding ``batch_size`` decoded images each
+    (the last may hold fewer), failures kept in place so results stay in input order."""
+    chunk: list[tuple[Job, np.ndarray | InputError]] = []
+    images = 0
     for job, item in decoded:
-        if isinstance(item, InputError):
-            failures.append((job, item))
-        else:
-            jobs.append(job)
-            arrays.append(item)
-        if len(jobs) == batch_size:
-            yield jobs, (np.stack(arrays) if arrays else None), failures
-            jobs, arrays, failures = [], [], []
-    if jobs or failures:
-        yield jobs, (np.stack(arrays) if arrays else None), failures
+        chunk.append((job, item))
+        if not isinstance(item, InputError):
+            images += 1
+            if images == batch_size:
+                yield chunk
+                chunk, images = [], 0
+    if chunk:
+        yield chunk
 
 
 def encode_jobs(
-    jobs: list[Job],
+    plan: Plan,
     encoder: Encoder,
     fmt: str = "safetensors",
     batch_size: int = 32,
     workers: int | None = None,
     max_pixels: int | None = None,
     on_result: Callable[[Result], None] | None = None,
-    problems: Iterable[InputError] = (),
 ) -> Summary:
-    """Run the stages over ``jobs``: decode, batch, model, write.
+    """Run the stages over a plan: decode, batch, model, write.
 
     A file that cannot be decoded, or whose output cannot be written, is reported
     as a failed ``Result`` and the run goes on. Outputs are written atomically.
 
     Args:
-        jobs: from ``inputs.plan_jobs``.
+        plan: from ``inputs.plan_jobs``; its problems are reported as failed and
+            its duplicates as skipped, before any image is encoded.
         encoder: the model stage.
         fmt: ``safetensors`` or ``npy``.
         batch_size: images per model call.
         workers: decode threads (default: usable cores).
         max_pixels: refuse images larger than this (default: Pillow's limit).
-        on_result: called once per input when it is written or has failed.
-        problems: inputs that could not become jobs (from ``plan_jobs``); reported first as failed.
+        on_result: called once per input, in input order within each batch.
     """
     check_format(fmt, encoder.save_dtype_name)
     if batch_size < 1:
@@ -278,31 +277,32 @@ def encode_jobs(
 
     def report(result: Result) -> None:
         summary.results.append(result)
-        if result.status == "encoded":
-            summary.encoded += 1
-        else:
-            summary.failed += 1
+        setattr(summary, result.status, getattr(summary, result.status) + 1)
         if on_result is not None:
             on_result(result)
 
     def load(path: str) -> np.ndarray:
         return load_pixels(path, pre, max_pixels=max_pixels)
 
-    for problem in problems:
+    for problem in plan.problems:
         report(Result(problem.path, "failed", error=problem))
+    for source, first in plan.duplicates:
+        report(Result(source, "skipped", reason=f"same file as {printable(first)}"))
 
-    decoded = decode_stage(jobs, load, workers, lookahead=2 * batch_size)
-    for batch_jobs, pixels, failures in batch_stage(decoded, batch_size):
-        for job, error in failures:
-            report(Result(job.source, "failed", error=error))
-        if pixels is None:
-            continue
-        embeddings = encoder(pixels)  # (B, T, D)
-        for job, embedding in zip(batch_jobs, embeddings):
+    decoded = decode_stage(plan.jobs, load, workers, lookahead=2 * batch_size)
+    for chunk in batch_stage(decoded, batch_size):
+        images = [item for _, item in chunk if not isinstance(item, InputError)]
+        embeddings = iter(encoder(np.stack(images))) if images else iter(())  # (B, T, D)
+        for job, item in chunk:
+            if isinstance(item, InputError):
+                report(Result(job.source, "failed", error=item))
+                continue
+            embedding = next(embeddings)
             try:
-                write_embedding(job.output, embedding, {**base_meta, "source": job.source}, fmt)
-            except OSError as e:
-                error = InputError(job.source, "write-failed", f"cannot write {job.output}: {e.strerror or e}")
+                write_embedding(job.output, embedding, {**base_meta, "source": printable(job.source)}, fmt)
+            except Exception as e:  # disk full, name too long, ...: this output fails, the run goes on
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                error = InputError(job.source, "write-failed", f"cannot write {printable(job.output)}: {reason}")
                 report(Result(job.source, "failed", error=error))
                 continue
             report(Result(job.source, "encoded", output=str(job.output)))
@@ -356,20 +356,19 @@ def encode(
 
     Returns:
         The run's ``Summary``; inputs that could not be planned (missing paths,
-        output collisions) count as failed.
+        output collisions) count as failed, files named twice as skipped.
     """
     from .inputs import plan_jobs
 
     if encoder is None:
         encoder = load_encoder(**encoder_options)
-    jobs, problems = plan_jobs(list(inputs), out_dir, fmt, stdin_paths)
+    plan = plan_jobs(list(inputs), out_dir, fmt, stdin_paths)
     return encode_jobs(
-        jobs,
+        plan,
         encoder,
         fmt=fmt,
         batch_size=batch_size,
         workers=workers,
         max_pixels=max_pixels,
         on_result=on_result,
-        problems=problems,
     )

@@ -22,6 +22,7 @@ from .errors import CheckpointError, WeightsNotFoundError
 
 RANDOM = "random"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 ENV_VAR = "VITEMBED_WEIGHTS"
 
 
@@ -71,11 +72,23 @@ def _from_path(path: Path, spec: ModelSpec, how: str) -> ResolvedWeights:
         pre_file = path / "preprocessor_config.json"
         if pre_file.is_file():
             preprocess = PreprocessConfig.from_transformers(_read_json(pre_file), str(pre_file))
+            if preprocess.image_size != config.image_size:
+                raise CheckpointError(
+                    f"{pre_file}: size {preprocess.image_size} does not match image_size {config.image_size} "
+                    f"of {config_file}"
+                )
         else:
             preprocess = spec.preprocess.replace(image_size=config.image_size)
         return ResolvedWeights(str(path), config, preprocess, file, sha256_file(file))
     if path.is_file():
+        if path.suffix not in CHECKPOINT_SUFFIXES:
+            raise WeightsNotFoundError(
+                f"{how}: {path} is not a checkpoint file (expected a folder with config.json, "
+                f"or a file ending in {', '.join(CHECKPOINT_SUFFIXES)})"
+            )
         return ResolvedWeights(str(path), spec.config(), spec.preprocess, path, sha256_file(path))
+    if path.exists():
+        raise WeightsNotFoundError(f"{how}: {path} is neither a folder nor a regular file")
     raise WeightsNotFoundError(f"{how}: {path} does not exist")
 
 
@@ -88,11 +101,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _from_hub(spec: ModelSpec, progress: bool) -> tuple[ResolvedWeights | None, str]:
     """Weights from the Hugging Face cache, downloading them if allowed. Returns (weights, why not)."""
-    import huggingface_hub
     from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.utils import disable_progress_bars
 
     if not progress:
-        huggingface_hub.utils.disable_progress_bars()
+        disable_progress_bars()
     reasons = []
     for local_only in (True, False):
         if not local_only and constants.HF_HUB_OFFLINE:
@@ -146,6 +159,8 @@ def resolve_weights(
     if weights is not None and os.fspath(weights) == RANDOM:
         return ResolvedWeights(RANDOM, spec.config(), spec.preprocess, random=True, seed=seed)
     if weights is not None:
+        if not os.fspath(weights):
+            raise WeightsNotFoundError("--weights: empty path")
         return _from_path(Path(weights).expanduser(), spec, "--weights")
     looked = ["--weights: not given"]
     env_value = environ.get(ENV_VAR, "")
@@ -184,14 +199,20 @@ def read_state_dict(file: Path) -> dict[str, Any]:
     """
     import torch
 
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             return load_file(str(file), device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read checkpoint: not a valid safetensors file ({e})") from None
+    try:
         obj = torch.load(str(file), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{file}: cannot read checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    except Exception:
+        raise CheckpointError(
+            f"{file}: cannot read checkpoint: not a torch file of plain tensors "
+            "(vitembed reads pickles with weights_only=True and never runs code from them)"
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

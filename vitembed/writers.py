@@ -26,6 +26,25 @@ def check_format(fmt: str, save_dtype: str) -> None:
         raise UsageError("--format npy cannot hold bfloat16; use --save-dtype float16/float32 or --format safetensors")
 
 
+def check_out_dir(out_dir: str | os.PathLike) -> None:
+    """Raise UsageError unless ``out_dir`` is, or can be created as, a writable folder.
+
+    Creates nothing: the nearest existing ancestor is checked instead.
+    """
+    from .errors import UsageError, printable
+
+    path = Path(out_dir).absolute()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {printable(out_dir)}: exists and is not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {printable(out_dir)}: {printable(existing)} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {printable(out_dir)}: {printable(existing)} is not writable")
+
+
 def atomic_write(path: Path, data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
