@@ -95,6 +95,21 @@ def encode(
         Optional[int], typer.Option(min=1, help="Decode threads [default: usable cores].", show_default=False)
     ] = None,
     null: Annotated[bool, typer.Option("--null", "-0", help="Paths on stdin are NUL-separated (find -print0).")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Re-encode inputs whose outputs exist, also if made with other settings.")
+    ] = False,
+    fail_fast: Annotated[bool, typer.Option(help="Stop at the first input that fails.")] = False,
+    shard: Annotated[
+        Optional[str],
+        typer.Option(help="K/N: process only shard K (0-based) of N, by a stable hash of each output path.", show_default=False),
+    ] = None,
+    list_only: Annotated[
+        bool, typer.Option("--list", help="Print the planned input -> output pairs and exit, encoding nothing.")
+    ] = False,
+    max_pixels: Annotated[
+        Optional[int],
+        typer.Option(min=1, help="Refuse images with more pixels than this [default: Pillow's limit].", show_default=False),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per input on stdout.")] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No panel, progress or summary on stderr (warnings and errors stay).")
@@ -118,8 +133,13 @@ def encode(
         inputs = [i for i in inputs if i != "-"]
     try:
         check_format(fmt.value, save_dtype.value)
-        check_out_dir(out)
         plan = plan_jobs(inputs, out, fmt.value, stdin_paths)
+        if shard is not None:
+            plan = plan.shard(*_parse_shard(shard))
+        if list_only:
+            _print_plan(plan, as_json)
+            return
+        check_out_dir(out)
         if not len(plan):
             _stderr().print("warning: no image files found among the inputs; nothing to do", markup=False)
             return
@@ -167,7 +187,15 @@ def encode(
                 progress.advance()
 
             summary = pipeline.encode_jobs(
-                plan, encoder, fmt=fmt.value, batch_size=batch_size, workers=workers, on_result=on_result
+                plan,
+                encoder,
+                fmt=fmt.value,
+                batch_size=batch_size,
+                workers=workers,
+                max_pixels=max_pixels,
+                on_result=on_result,
+                overwrite=overwrite,
+                fail_fast=fail_fast,
             )
     except VitembedError as e:
         raise _fail(str(e), e.exit_code) from None
@@ -178,8 +206,36 @@ def encode(
         f"({summary.images_per_second:.1f} images/s) -> {printable(out)}",
         markup=False,
     )
+    if summary.stopped:
+        err.print("stopped at the first failure (--fail-fast)", markup=False)
     if summary.failed:
+        err.print(f"failures are listed in {printable(out / 'failures.jsonl')}", markup=False)
         raise typer.Exit(1)
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    from .errors import UsageError
+
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: expected K/N, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise UsageError(f"--shard {text!r}: expected K/N with 0 <= K < N")
+    return k, n
+
+
+def _print_plan(plan, as_json: bool) -> None:
+    """``--list``: one line per planned input on stdout (source TAB output, or JSON)."""
+    from .errors import printable
+
+    for job in plan.jobs:
+        if as_json:
+            sys.stdout.write(json.dumps({"source": printable(job.source), "output": printable(job.output)}) + "\n")
+        else:
+            sys.stdout.write(f"{printable(job.source)}\t{printable(job.output)}\n")
+    for problem in plan.problems:
+        _stderr().print(f"failed: {problem}", markup=False)
 
 
 @app.command()

@@ -3,7 +3,8 @@
 An INPUT is an image file (output ``DIR/<its name>.<format>``), a directory
 (searched recursively for image extensions, case-insensitive; output
 ``DIR/<path relative to the directory>.<format>``), or ``-`` for paths read
-from stdin (output ``DIR/<the path as given>.<format>``). A path from stdin that
+from stdin (output ``DIR/<the path as given>.<format>``); symlinked folders are followed,
+each real folder once. A path from stdin that
 is absolute or climbs out of the current directory is placed under
 ``DIR/_root/<its absolute path>``, so that no output is ever written outside
 DIR. Does not import torch.
@@ -11,13 +12,14 @@ DIR. Does not import torch.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .decode import is_image_name
-from .errors import InputError
+from .errors import InputError, UsageError
 
 ROOT_DIR = "_root"
 
@@ -53,16 +55,27 @@ def read_path_list(stream, null_separated: bool = False) -> list[str]:
 def walk_images(directory: str, errors: list[InputError] | None = None) -> Iterator[str]:
     """Image files under ``directory``, recursively, in sorted order.
 
-    Symlinked directories are not followed (so symlink loops cannot hang the
-    walk). A folder that cannot be listed is appended to ``errors`` as an
-    ``unreadable`` InputError instead of being skipped silently.
+    Symlinked folders are followed, each real folder listed once, so symlink
+    loops cannot hang the walk. A folder that cannot be listed is appended to
+    ``errors`` as an ``unreadable`` InputError instead of being skipped silently.
     """
 
     def on_error(e: OSError) -> None:
         if errors is not None:
             errors.append(InputError(e.filename or directory, "unreadable", f"cannot list folder: {e.strerror or e}"))
 
-    for root, dirs, files in os.walk(directory, onerror=on_error):
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(directory, onerror=on_error, followlinks=True):
+        try:
+            st = os.stat(root)
+        except OSError as e:
+            on_error(e)
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop, or a second way to the same folder
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs.sort()
         for name in sorted(files):
             if is_image_name(name):
@@ -90,12 +103,39 @@ class Plan:
         duplicates: (source, first source) for inputs naming a file already planned.
     """
 
+    out_dir: Path
     jobs: list[Job] = field(default_factory=list)
     problems: list[InputError] = field(default_factory=list)
     duplicates: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.jobs) + len(self.problems) + len(self.duplicates)
+
+    def shard(self, index: int, count: int) -> "Plan":
+        """The part of this plan that shard ``index`` of ``count`` (0-based) processes.
+
+        Jobs are assigned by a stable hash of their output path relative to DIR
+        (problems and duplicates by their source path), so ``count`` runs with
+        the same inputs, one per index, cover every input exactly once.
+
+        Raises:
+            UsageError: unless 0 <= index < count.
+        """
+        if not 0 <= index < count:
+            raise UsageError(f"--shard {index}/{count}: expected K/N with 0 <= K < N")
+        mine = lambda key: shard_of(key, count) == index  # noqa: E731
+        return Plan(
+            self.out_dir,
+            [j for j in self.jobs if mine(j.relpath)],
+            [p for p in self.problems if mine(p.path)],
+            [d for d in self.duplicates if mine(d[0])],
+        )
+
+
+def shard_of(key: str, count: int) -> int:
+    """Stable shard number of ``key`` in [0, count): sha1 of its bytes, modulo count."""
+    digest = hashlib.sha1(os.fsencode(key)).digest()
+    return int.from_bytes(digest[:8], "big") % count
 
 
 def plan_jobs(inputs: Iterable[str], out_dir: str | os.PathLike, fmt: str, stdin_paths: Iterable[str] = ()) -> Plan:
@@ -113,7 +153,7 @@ def plan_jobs(inputs: Iterable[str], out_dir: str | os.PathLike, fmt: str, stdin
         also through a symlink, is listed in ``duplicates``).
     """
     out = Path(out_dir)
-    plan = Plan()
+    plan = Plan(out)
     candidates: list[tuple[str, str]] = []
     for arg in inputs:
         if os.path.isdir(arg):

@@ -30,7 +30,7 @@ from .inputs import Job, Plan
 from .model import VisionTransformer
 from .preprocess import load_pixels, normalize, normalize_table
 from .weights import ResolvedWeights, build_model, resolve_weights
-from .writers import check_format, write_embedding
+from .writers import append_failure, check_format, check_settings, output_state, run_settings, write_embedding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -177,17 +177,26 @@ class Result:
 
 @dataclass
 class Summary:
-    """Counts and timing of an ``encode`` run (seconds of wall time)."""
+    """Counts and timing of an ``encode`` run (seconds of wall time).
+
+    ``skipped`` counts inputs already done and files named twice; ``stopped``
+    is True when ``fail_fast`` ended the run at a failure.
+    """
 
     encoded: int = 0
     failed: int = 0
     skipped: int = 0
     seconds: float = 0.0
+    stopped: bool = False
     results: list[Result] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
         return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Stop(Exception):
+    """Ends a run early under ``fail_fast``."""
 
 
 def usable_cores() -> int:
@@ -250,11 +259,16 @@ def encode_jobs(
     workers: int | None = None,
     max_pixels: int | None = None,
     on_result: Callable[[Result], None] | None = None,
+    overwrite: bool = False,
+    fail_fast: bool = False,
 ) -> Summary:
     """Run the stages over a plan: decode, batch, model, write.
 
     A file that cannot be decoded, or whose output cannot be written, is reported
-    as a failed ``Result`` and the run goes on. Outputs are written atomically.
+    as a failed ``Result`` (and appended to ``DIR/failures.jsonl``) and the run
+    goes on. Outputs are written atomically. An input whose output already
+    exists, is complete and was made with the same settings is skipped, so a
+    re-run resumes where a killed one stopped.
 
     Args:
         plan: from ``inputs.plan_jobs``; its problems are reported as failed and
@@ -265,6 +279,12 @@ def encode_jobs(
         workers: decode threads (default: usable cores).
         max_pixels: refuse images larger than this (default: Pillow's limit).
         on_result: called once per input, in input order within each batch.
+        overwrite: re-encode inputs whose outputs exist, and replace outputs made
+            with other settings instead of refusing.
+        fail_fast: stop at the first failed input (``Summary.stopped`` is then True).
+
+    Raises:
+        UsageError: DIR holds outputs made with other settings (unless ``overwrite``).
     """
     check_format(fmt, encoder.save_dtype_name)
     if batch_size < 1:
@@ -273,39 +293,55 @@ def encode_jobs(
     summary = Summary()
     start = time.perf_counter()
     base_meta = encoder.metadata()
+    settings = run_settings(base_meta)
     pre = encoder.preprocess
+    check_settings(plan.out_dir, settings, overwrite)
 
     def report(result: Result) -> None:
         summary.results.append(result)
         setattr(summary, result.status, getattr(summary, result.status) + 1)
+        if result.error is not None:
+            append_failure(plan.out_dir, result.source, result.error.kind, result.error.reason)
         if on_result is not None:
             on_result(result)
+        if fail_fast and result.status == "failed":
+            summary.stopped = True
+            raise _Stop
 
     def load(path: str) -> np.ndarray:
         return load_pixels(path, pre, max_pixels=max_pixels)
 
-    for problem in plan.problems:
-        report(Result(problem.path, "failed", error=problem))
-    for source, first in plan.duplicates:
-        report(Result(source, "skipped", reason=f"same file as {printable(first)}"))
+    def not_done(jobs: Iterable[Job]) -> Iterator[Job]:
+        for job in jobs:
+            if not overwrite and output_state(job.output, fmt, settings) == "complete":
+                report(Result(job.source, "skipped", output=str(job.output), reason="already done"))
+            else:
+                yield job
 
-    decoded = decode_stage(plan.jobs, load, workers, lookahead=2 * batch_size)
-    for chunk in batch_stage(decoded, batch_size):
-        images = [item for _, item in chunk if not isinstance(item, InputError)]
-        embeddings = iter(encoder(np.stack(images))) if images else iter(())  # (B, T, D)
-        for job, item in chunk:
-            if isinstance(item, InputError):
-                report(Result(job.source, "failed", error=item))
-                continue
-            embedding = next(embeddings)
-            try:
-                write_embedding(job.output, embedding, {**base_meta, "source": printable(job.source)}, fmt)
-            except Exception as e:  # disk full, name too long, ...: this output fails, the run goes on
-                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                error = InputError(job.source, "write-failed", f"cannot write {printable(job.output)}: {reason}")
-                report(Result(job.source, "failed", error=error))
-                continue
-            report(Result(job.source, "encoded", output=str(job.output)))
+    try:
+        for problem in plan.problems:
+            report(Result(problem.path, "failed", error=problem))
+        for source, first in plan.duplicates:
+            report(Result(source, "skipped", reason=f"same file as {printable(first)}"))
+        decoded = decode_stage(not_done(plan.jobs), load, workers, lookahead=2 * batch_size)
+        for chunk in batch_stage(decoded, batch_size):
+            images = [item for _, item in chunk if not isinstance(item, InputError)]
+            embeddings = iter(encoder(np.stack(images))) if images else iter(())  # (B, T, D)
+            for job, item in chunk:
+                if isinstance(item, InputError):
+                    report(Result(job.source, "failed", error=item))
+                    continue
+                embedding = next(embeddings)
+                try:
+                    write_embedding(job.output, embedding, {**base_meta, "source": printable(job.source)}, fmt)
+                except Exception as e:  # disk full, name too long, ...: this output fails, the run goes on
+                    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                    error = InputError(job.source, "write-failed", f"cannot write {printable(job.output)}: {reason}")
+                    report(Result(job.source, "failed", error=error))
+                    continue
+                report(Result(job.source, "encoded", output=str(job.output)))
+    except _Stop:
+        pass
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -343,6 +379,9 @@ def encode(
     max_pixels: int | None = None,
     stdin_paths: Iterable[str] = (),
     on_result: Callable[[Result], None] | None = None,
+    overwrite: bool = False,
+    fail_fast: bool = False,
+    shard: tuple[int, int] | None = None,
     **encoder_options,
 ) -> Summary:
     """Encode image files and directories into ``out_dir``: the Python form of ``vitembed encode``.
@@ -351,7 +390,8 @@ def encode(
         inputs: image files and directories (searched recursively).
         out_dir: output directory; one ``<relative path>.<fmt>`` per image.
         encoder: a prepared ``Encoder``; if None one is built by ``load_encoder(**encoder_options)``.
-        fmt, batch_size, workers, max_pixels, on_result: as ``encode_jobs``.
+        fmt, batch_size, workers, max_pixels, on_result, overwrite, fail_fast: as ``encode_jobs``.
+        shard: (K, N) to process only shard K of N (see ``inputs.Plan.shard``).
         stdin_paths: extra paths, placed as ``vitembed encode -`` places them.
 
     Returns:
@@ -363,6 +403,8 @@ def encode(
     if encoder is None:
         encoder = load_encoder(**encoder_options)
     plan = plan_jobs(list(inputs), out_dir, fmt, stdin_paths)
+    if shard is not None:
+        plan = plan.shard(*shard)
     return encode_jobs(
         plan,
         encoder,
@@ -371,4 +413,6 @@ def encode(
         workers=workers,
         max_pixels=max_pixels,
         on_result=on_result,
+        overwrite=overwrite,
+        fail_fast=fail_fast,
     )

@@ -65,6 +65,24 @@ def atomic_write(path: Path, data: bytes | memoryview) -> None:
         raise
 
 
+def _canonical_header(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header keys sorted.
+
+    safetensors writes the metadata in hash-map order, which changes from one
+    process to the next; sorting makes equal embeddings and metadata give
+    byte-identical files. Layout (safetensors format): u64 little-endian header
+    length, JSON header padded with spaces to a multiple of 8 bytes, tensor data
+    (offsets in the header are relative to the data, so they are unchanged).
+    """
+    import json
+
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + length :]
+
+
 def write_embedding(path: Path, embedding, metadata: dict[str, str], fmt: str) -> None:
     """Write one embedding.
 
@@ -77,7 +95,7 @@ def write_embedding(path: Path, embedding, metadata: dict[str, str], fmt: str) -
     if fmt == "safetensors":
         from safetensors.torch import save
 
-        atomic_write(path, save({TENSOR_NAME: embedding.contiguous()}, metadata=metadata))
+        atomic_write(path, _canonical_header(save({TENSOR_NAME: embedding.contiguous()}, metadata=metadata)))
     elif fmt == "npy":
         import io
 
@@ -88,3 +106,102 @@ def write_embedding(path: Path, embedding, metadata: dict[str, str], fmt: str) -
         atomic_write(path, buffer.getbuffer())
     else:
         raise ValueError(f"unknown format {fmt!r}")
+
+
+SETTINGS_FILE = "vitembed.json"
+FAILURES_FILE = "failures.jsonl"
+# Metadata keys that may differ between outputs of one run.
+PER_FILE_KEYS = ("source", "vitembed_version")
+
+
+def run_settings(metadata: dict[str, str]) -> dict[str, str]:
+    """The part of an output's metadata that must be equal across a run (all but source and version)."""
+    return {k: v for k, v in metadata.items() if k not in PER_FILE_KEYS}
+
+
+def _differences(ours: dict[str, str], theirs: dict[str, str]) -> str:
+    keys = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    return "; ".join(f"{k}: {theirs.get(k, '<none>')!r} there, {ours.get(k, '<none>')!r} now" for k in keys[:6])
+
+
+def check_settings(out_dir: Path, settings: dict[str, str], overwrite: bool = False) -> None:
+    """Record this run's settings in ``DIR/vitembed.json``, refusing to mix runs.
+
+    Raises:
+        UsageError: DIR already holds outputs of different settings and
+            ``overwrite`` is False; the message lists the differing keys.
+    """
+    import json
+
+    from .errors import UsageError, printable
+
+    path = Path(out_dir) / SETTINGS_FILE
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous == settings:
+            return
+        if previous is not None and not overwrite:
+            raise UsageError(
+                f"{printable(out_dir)} holds outputs made with other settings ({_differences(settings, previous)}); "
+                "use --overwrite to re-encode them, or another --out"
+            )
+    atomic_write(path, (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode())
+
+
+def output_state(path: Path, fmt: str, settings: dict[str, str]) -> str:
+    """``missing``, ``complete`` (readable, made with ``settings``) or ``incomplete`` (unreadable: redo it).
+
+    Raises:
+        UsageError: the file is complete but was made with other settings.
+    """
+    from .errors import UsageError, printable
+
+    if not path.is_file():
+        return "missing"
+    try:
+        if fmt == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as f:
+                if TENSOR_NAME not in f.keys():
+                    return "incomplete"
+                theirs = run_settings(dict(f.metadata() or {}))
+            if theirs != settings:
+                raise UsageError(
+                    f"{printable(path)} was made with other settings ({_differences(settings, theirs)}); "
+                    "use --overwrite to re-encode it, or another --out"
+                )
+        else:
+            import numpy as np
+
+            np.load(path, mmap_mode="r", allow_pickle=False)  # fails on a short or garbled file
+    except UsageError:
+        raise
+    except Exception:
+        return "incomplete"
+    return "complete"
+
+
+def append_failure(out_dir: Path, source: str, kind: str, message: str) -> None:
+    """Append one JSON line ``{"path", "kind", "message", "time"}`` to ``DIR/failures.jsonl``.
+
+    One ``write`` on a file opened with O_APPEND, so concurrent shards do not interleave lines.
+    """
+    import json
+    import time
+
+    from .errors import printable
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    line = json.dumps(
+        {"path": printable(source), "kind": kind, "message": message, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        ensure_ascii=False,
+    )
+    fd = os.open(Path(out_dir) / FAILURES_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
