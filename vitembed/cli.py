@@ -94,6 +94,12 @@ def encode(
     workers: Annotated[
         Optional[int], typer.Option(min=1, help="Decode threads [default: usable cores].", show_default=False)
     ] = None,
+    background: Annotated[
+        str, typer.Option(help="R,G,B colour that transparent pixels are composited onto.")
+    ] = "255,255,255",
+    allow_truncated: Annotated[
+        bool, typer.Option(help="Decode truncated files (missing part grey) instead of refusing them.")
+    ] = False,
     null: Annotated[bool, typer.Option("--null", "-0", help="Paths on stdin are NUL-separated (find -print0).")] = False,
     overwrite: Annotated[
         bool, typer.Option(help="Re-encode inputs whose outputs exist, also if made with other settings.")
@@ -126,6 +132,8 @@ def encode(
 
     # vitembed refuses images over the pixel limit itself, with a message naming the file.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    # Pillow warns about what it repairs (a corrupt EXIF block); the image is still good.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     err = _stderr(quiet)
     stdin_paths: list[str] = []
     if "-" in inputs:
@@ -133,6 +141,7 @@ def encode(
         inputs = [i for i in inputs if i != "-"]
     try:
         check_format(fmt.value, save_dtype.value)
+        decode = _decode_options(background, max_pixels, allow_truncated)
         plan = plan_jobs(inputs, out, fmt.value, stdin_paths)
         if shard is not None:
             plan = plan.shard(*_parse_shard(shard))
@@ -192,7 +201,7 @@ def encode(
                 fmt=fmt.value,
                 batch_size=batch_size,
                 workers=workers,
-                max_pixels=max_pixels,
+                decode=decode,
                 on_result=on_result,
                 overwrite=overwrite,
                 fail_fast=fail_fast,
@@ -211,6 +220,24 @@ def encode(
     if summary.failed:
         err.print(f"failures are listed in {printable(out / 'failures.jsonl')}", markup=False)
         raise typer.Exit(1)
+
+
+def _decode_options(background: str, max_pixels: int | None, allow_truncated: bool):
+    from PIL import Image
+
+    from .decode import DecodeOptions
+    from .errors import UsageError
+
+    try:
+        rgb = tuple(int(v) for v in background.split(","))
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+        raise UsageError(f"--background {background!r}: expected R,G,B with values 0..255, e.g. 255,255,255")
+    if max_pixels is not None:
+        # vitembed applies the limit itself; lift Pillow's own (2x) refusal so that a higher limit works.
+        Image.MAX_IMAGE_PIXELS = max(max_pixels, Image.MAX_IMAGE_PIXELS or 0)
+    return DecodeOptions(max_pixels=max_pixels, background=rgb, allow_truncated=allow_truncated)  # type: ignore[arg-type]
 
 
 def _parse_shard(text: str) -> tuple[int, int]:

@@ -14,8 +14,10 @@ import os
 import stat
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
@@ -29,17 +31,36 @@ try:  # optional: HEIF/HEIC through pillow-heif (pip install 'vitembed[heif]')
 except ImportError:
     HEIF_SUPPORT = False
 
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How files are decoded.
+
+    Attributes:
+        max_pixels: refuse images whose header claims more pixels than this,
+            before decoding (None: Pillow's ``Image.MAX_IMAGE_PIXELS``).
+        background: RGB colour that transparency is composited onto (white).
+        allow_truncated: decode truncated files, Pillow filling the missing
+            part with grey, instead of refusing them. Process-wide in Pillow
+            (``ImageFile.LOAD_TRUNCATED_IMAGES``), so it is set, never unset.
+    """
+
+    max_pixels: int | None = None
+    background: tuple[int, int, int] = WHITE
+    allow_truncated: bool = False
+
+
 # Pillow modes holding 16 (or 32) bit integers; values are scaled 65535 -> 255.
 _WIDE_INT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
-def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
+def open_image(path: str | os.PathLike, max_pixels: int | None = None, allow_truncated: bool = False) -> Image.Image:
     """Open ``path`` and decode its first frame, in the file's own mode, upright.
 
     Args:
         path: an image file; the format is detected from its content.
         max_pixels: refuse images whose header claims more pixels than this,
             before decoding them (default: Pillow's ``Image.MAX_IMAGE_PIXELS``).
+        allow_truncated: see ``DecodeOptions``.
 
     Returns:
         A loaded PIL image with the EXIF orientation applied. A corrupt EXIF
@@ -61,6 +82,8 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     if st.st_size == 0:
         raise InputError(name, "empty", "empty file (0 bytes)")
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if allow_truncated:
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
     try:
         with Image.open(name) as im:
             if limit is not None and im.width * im.height > limit:
@@ -139,17 +162,15 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
     return image.convert("RGB")
 
 
-def decode_image(
-    path: str | os.PathLike, max_pixels: int | None = None, background: tuple[int, int, int] = WHITE
-) -> Image.Image:
+def decode_image(path: str | os.PathLike, options: DecodeOptions = DecodeOptions()) -> Image.Image:
     """File -> upright 8-bit RGB PIL image (``open_image`` then ``to_rgb``).
 
     Raises:
         InputError: see ``open_image`` and ``to_rgb``.
     """
-    image = open_image(path, max_pixels=max_pixels)
+    image = open_image(path, max_pixels=options.max_pixels, allow_truncated=options.allow_truncated)
     try:
-        return to_rgb(image, background)
+        return to_rgb(image, options.background)
     except InputError as e:
         raise InputError(os.fspath(path), e.kind, e.reason) from None
 

@@ -28,6 +28,7 @@ from .config import layer_index
 from .errors import DeviceError, InputError, UsageError, printable
 from .inputs import Job, Plan
 from .model import VisionTransformer
+from .decode import DecodeOptions
 from .preprocess import load_pixels, normalize, normalize_table
 from .weights import ResolvedWeights, build_model, resolve_weights
 from .writers import append_failure, check_format, check_settings, output_state, run_settings, write_embedding
@@ -257,7 +258,7 @@ def encode_jobs(
     fmt: str = "safetensors",
     batch_size: int = 32,
     workers: int | None = None,
-    max_pixels: int | None = None,
+    decode: DecodeOptions = DecodeOptions(),
     on_result: Callable[[Result], None] | None = None,
     overwrite: bool = False,
     fail_fast: bool = False,
@@ -277,7 +278,7 @@ def encode_jobs(
         fmt: ``safetensors`` or ``npy``.
         batch_size: images per model call.
         workers: decode threads (default: usable cores).
-        max_pixels: refuse images larger than this (default: Pillow's limit).
+        decode: pixel limit, transparency background, truncated files (``decode.DecodeOptions``).
         on_result: called once per input, in input order within each batch.
         overwrite: re-encode inputs whose outputs exist, and replace outputs made
             with other settings instead of refusing.
@@ -292,7 +293,7 @@ def encode_jobs(
     workers = workers or usable_cores()
     summary = Summary()
     start = time.perf_counter()
-    base_meta = encoder.metadata()
+    base_meta = {**encoder.metadata(), "background": ",".join(map(str, decode.background))}
     settings = run_settings(base_meta)
     pre = encoder.preprocess
     check_settings(plan.out_dir, settings, overwrite)
@@ -309,7 +310,7 @@ def encode_jobs(
             raise _Stop
 
     def load(path: str) -> np.ndarray:
-        return load_pixels(path, pre, max_pixels=max_pixels)
+        return load_pixels(path, pre, decode)
 
     def not_done(jobs: Iterable[Job]) -> Iterator[Job]:
         for job in jobs:
@@ -376,7 +377,7 @@ def encode(
     fmt: str = "safetensors",
     batch_size: int = 32,
     workers: int | None = None,
-    max_pixels: int | None = None,
+    decode: DecodeOptions = DecodeOptions(),
     stdin_paths: Iterable[str] = (),
     on_result: Callable[[Result], None] | None = None,
     overwrite: bool = False,
@@ -390,7 +391,7 @@ def encode(
         inputs: image files and directories (searched recursively).
         out_dir: output directory; one ``<relative path>.<fmt>`` per image.
         encoder: a prepared ``Encoder``; if None one is built by ``load_encoder(**encoder_options)``.
-        fmt, batch_size, workers, max_pixels, on_result, overwrite, fail_fast: as ``encode_jobs``.
+        fmt, batch_size, workers, decode, on_result, overwrite, fail_fast: as ``encode_jobs``.
         shard: (K, N) to process only shard K of N (see ``inputs.Plan.shard``).
         stdin_paths: extra paths, placed as ``vitembed encode -`` places them.
 
@@ -411,7 +412,7 @@ def encode(
         fmt=fmt,
         batch_size=batch_size,
         workers=workers,
-        max_pixels=max_pixels,
+        decode=decode,
         on_result=on_result,
         overwrite=overwrite,
         fail_fast=fail_fast,

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .config import PreprocessConfig
-from .decode import WHITE, decode_image
+from .decode import DecodeOptions, decode_image
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -40,18 +40,13 @@ def resize(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     return np.array(image, dtype=np.uint8)  # a writable copy, safe to hand to torch
 
 
-def load_pixels(
-    path: str | os.PathLike,
-    cfg: PreprocessConfig,
-    max_pixels: int | None = None,
-    background: tuple[int, int, int] = WHITE,
-) -> np.ndarray:
+def load_pixels(path: str | os.PathLike, cfg: PreprocessConfig, options: DecodeOptions = DecodeOptions()) -> np.ndarray:
     """The decode + resize stage for one file: path -> (S, S, 3) uint8 RGB.
 
     Raises:
         InputError: the file cannot be decoded (see ``decode.open_image``).
     """
-    return resize(decode_image(path, max_pixels=max_pixels, background=background), cfg)
+    return resize(decode_image(path, options), cfg)
 
 
 def normalize_table(cfg: PreprocessConfig):
