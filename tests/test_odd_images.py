@@ -186,3 +186,46 @@ def test_symlink_loops_fifos_and_sockets_are_reported_not_hanging(tmp_path):
             assert info.value.kind == "unreadable" and "not a regular file" in info.value.reason
     finally:
         sock.close()
+
+
+def test_non_srgb_icc_profile_is_converted_to_srgb(tmp_path):
+    from PIL import ImageCms
+
+    from .icc import ADOBE_RGB
+
+    colour = (180, 60, 40)
+    plain = Image.new("RGB", (8, 8), colour)
+    plain.save(tmp_path / "adobe.png", icc_profile=ADOBE_RGB)
+    expected = ImageCms.profileToProfile(
+        plain, ImageCms.ImageCmsProfile(io.BytesIO(ADOBE_RGB)), ImageCms.createProfile("sRGB"), outputMode="RGB"
+    ).getpixel((0, 0))
+    got = decode_image(tmp_path / "adobe.png").getpixel((0, 0))
+    assert got == expected and got != colour  # the wider gamut's red is redder than sRGB's (180, 60, 40)
+    # Alpha survives the conversion and is then composited.
+    rgba = Image.new("RGBA", (8, 8), (*colour, 255))
+    rgba.putpixel((0, 0), (*colour, 0))
+    rgba.save(tmp_path / "adobe-rgba.png", icc_profile=ADOBE_RGB)
+    out = decode_image(tmp_path / "adobe-rgba.png")
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 1)) == expected
+
+
+def test_srgb_profile_gives_the_same_pixels_as_no_profile(tmp_path, small_ckpt):
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    image = photo(40, 30)
+    image.save(tmp_path / "with.png", icc_profile=srgb)
+    image.save(tmp_path / "without.png")
+    assert np.array_equal(np.asarray(decode_image(tmp_path / "with.png")), np.asarray(decode_image(tmp_path / "without.png")))
+    r = run_cli("encode", str(tmp_path / "with.png"), str(tmp_path / "without.png"), "--out", str(tmp_path / "o"), "--weights", str(small_ckpt))
+    assert r.returncode == 0
+    from safetensors.numpy import load_file
+
+    a = load_file(tmp_path / "o" / "with.png.safetensors")["embedding"]
+    b = load_file(tmp_path / "o" / "without.png.safetensors")["embedding"]
+    assert np.array_equal(a, b)
+
+
+def test_broken_icc_profile_keeps_the_image(tmp_path):
+    photo(20, 20).save(tmp_path / "bad-icc.png", icc_profile=b"not a profile at all")
+    assert np.array_equal(np.asarray(decode_image(tmp_path / "bad-icc.png")), np.asarray(photo(20, 20)))

@@ -1,7 +1,8 @@
 """Image files -> the RGB pixels a person sees, or an InputError that says why not.
 
 Pillow does the decoding. On top of it: the EXIF orientation is applied
-(``ImageOps.exif_transpose``), the first frame only is decoded, every mode
+(``ImageOps.exif_transpose``; Pillow also reads an orientation stored only in
+XMP), non-sRGB ICC profiles are converted to sRGB, the first frame only is decoded, every mode
 becomes 8-bit RGB (transparency composited onto a background, white by default,
 as transformers' ``convert_to_rgb`` does), 16-bit greyscale is scaled by its bit
 depth instead of being clipped, and each failure becomes an ``InputError`` with
@@ -10,6 +11,8 @@ a short kind and a reason. Does not import torch.
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 import stat
 from pathlib import Path
@@ -132,10 +135,51 @@ def _is_heif(path: str) -> bool:
     return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
 
 
+_ICC_MODES = {"RGB": ("RGB", "RGBA"), "GRAY": ("L", "LA"), "CMYK": ("CMYK",)}
+
+
+def to_srgb(image: Image.Image) -> Image.Image:
+    """Convert colours described by an embedded non-sRGB ICC profile to sRGB (Pillow's ImageCms).
+
+    Images without a profile, with an sRGB profile (by its description), or whose
+    profile does not fit their mode or cannot be read are returned unchanged, so
+    the same pixels with and without an sRGB profile give the same result.
+    Alpha is kept. Returns RGB or RGBA when a conversion happened.
+    """
+    icc = image.info.get("icc_profile")
+    if not icc or "transparency" in image.info:  # a colour key must keep its exact colour
+        return image
+    from PIL import ImageCms
+
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if "srgb" in ImageCms.getProfileDescription(source).lower():
+            return image
+        space = source.profile.xcolor_space.strip()
+        if image.mode not in _ICC_MODES.get(space, ()):
+            return image
+        alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
+        colour = image.convert({"RGBA": "RGB", "LA": "L"}.get(image.mode, image.mode))
+        out = ImageCms.profileToProfile(colour, source, _srgb_profile(), outputMode="RGB")
+    except (OSError, ValueError, ImageCms.PyCMSError):  # a broken profile: keep the pixels as stored
+        return image
+    if alpha is not None:
+        out.putalpha(alpha)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _srgb_profile():
+    from PIL import ImageCms
+
+    return ImageCms.createProfile("sRGB")
+
+
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB.
 
-    Images with an alpha band or a transparency key (P, RGB, L with ``tRNS``)
+    Colours under a non-sRGB ICC profile are first converted to sRGB
+    (``to_srgb``). Images with an alpha band or a transparency key (P, RGB, L with ``tRNS``)
     are alpha-composited onto ``background``, as transformers' ``convert_to_rgb``
     does with white; premultiplied modes (La, RGBa) too. 16-bit integer modes
     (I;16, I;16B, I) are scaled by 255/65535 and rounded rather than clipped.
@@ -148,6 +192,7 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
     if mode == "F":
         name = getattr(image, "filename", "") or "<image>"
         raise InputError(name, "unsupported", "32-bit float image (mode F) has no agreed display range")
+    image = to_srgb(image)
     if mode in _WIDE_INT_MODES:
         wide = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8), "L")
