@@ -163,3 +163,12 @@ def test_sigkill_part_way_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert _summary(resumed.stderr).startswith(f"encoded {16 - len(present)}, skipped {len(present)}, failed 2")
     assert {rel: (out / rel).stat().st_mtime_ns for rel in present} == stamps  # nothing encoded twice
     assert _outputs(out) == expected
+
+
+def test_same_weights_through_another_path_resume_the_same_dir(tmp_path, small_ckpt):
+    src, out = _folder(tmp_path / "in", good=2, bad=False), tmp_path / "out"
+    assert run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt)).returncode == 0
+    link = tmp_path / "same-weights"
+    os.symlink(small_ckpt, link)
+    r = run_cli("encode", str(src), "--out", str(out), "--weights", str(link))
+    assert r.returncode == 0 and _summary(r.stderr).startswith("encoded 0, skipped 2")

@@ -2,11 +2,12 @@
 
     plan_jobs (inputs.py)      inputs -> [Job]
     decode_stage               Job -> (S, S, 3) uint8, in worker threads (Pillow releases the GIL)
-    batch_stage                -> (B, S, S, 3) uint8 batches
+    batch_stage                -> chunks of B decoded images (failures kept in input order)
     Encoder                    uint8 batch -> (B, T, D) embeddings on the CPU
     write_embedding            embedding -> file, atomically (writers.py)
 
-``encode`` wires them together and reports each finished input through a
+``encode_jobs`` wires them together (``encode`` plans and then calls it), skips
+inputs already done, and reports each finished input through a
 callback, so that a CLI, a notebook or a batch system can show progress its own way.
 """
 
@@ -27,8 +28,8 @@ from .catalog import DEFAULT_MODEL, get_model_spec
 from .config import layer_index
 from .errors import DeviceError, InputError, UsageError, printable
 from .inputs import Job, Plan
-from .model import VisionTransformer
 from .decode import DecodeOptions
+from .model import VisionTransformer
 from .preprocess import load_pixels, normalize, normalize_table
 from .weights import ResolvedWeights, build_model, resolve_weights
 from .writers import append_failure, check_format, check_settings, output_state, run_settings, write_embedding

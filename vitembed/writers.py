@@ -110,13 +110,14 @@ def write_embedding(path: Path, embedding, metadata: dict[str, str], fmt: str) -
 
 SETTINGS_FILE = "vitembed.json"
 FAILURES_FILE = "failures.jsonl"
-# Metadata keys that may differ between outputs of one run.
-PER_FILE_KEYS = ("source", "vitembed_version")
+# Metadata keys that may differ between outputs of one DIR: the input, the version, and where the
+# weights were read from (they are identified by their sha256, or by random_weights and seed).
+KEYS_NOT_COMPARED = ("source", "vitembed_version", "weights")
 
 
 def run_settings(metadata: dict[str, str]) -> dict[str, str]:
-    """The part of an output's metadata that must be equal across a run (all but source and version)."""
-    return {k: v for k, v in metadata.items() if k not in PER_FILE_KEYS}
+    """The part of an output's metadata that must be equal across the outputs of one DIR."""
+    return {k: v for k, v in metadata.items() if k not in KEYS_NOT_COMPARED}
 
 
 def _differences(ours: dict[str, str], theirs: dict[str, str]) -> str:
