@@ -38,6 +38,13 @@ class Format(str, Enum):
     npy = "npy"
 
 
+class Pool(str, Enum):
+    none = "none"
+    cls = "cls"
+    mean = "mean"
+    patch = "patch"
+
+
 class DType(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -86,6 +93,13 @@ def encode(
     ] = None,
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Seed for --weights random.")] = 0,
     layer: Annotated[str, typer.Option(help="last | embeddings | N (output of block N, 1..depth).")] = "last",
+    pool: Annotated[
+        Pool, typer.Option(help="none: all tokens; cls: class token; mean: mean of patch tokens; patch: patch tokens.")
+    ] = Pool.none,
+    image_size: Annotated[
+        Optional[int],
+        typer.Option(help="Input size in pixels; the position embedding is resampled [default: the checkpoint's].", show_default=False),
+    ] = None,
     fmt: Annotated[Format, typer.Option("--format", help="Output file format.")] = Format.safetensors,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 32,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")] = "auto",
@@ -172,6 +186,8 @@ def encode(
             device=device,
             dtype=dtype.value,
             save_dtype=save_dtype.value,
+            pool=pool.value,
+            image_size=image_size,
             progress=not quiet and err.is_terminal,
         )
         start_panel(err, encoder, workers or pipeline.usable_cores(), out)

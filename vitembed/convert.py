@@ -10,6 +10,7 @@ nothing is silently left at its initial value.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -174,3 +175,44 @@ def load_converted(model: Any, state_dict: Mapping[str, Any], source: str = "che
         if key not in expected:
             raise CheckpointError(f"{source}: unexpected key {key!r} (the checkpoint does not fit this architecture)")
     model.load_state_dict(dict(state_dict), strict=True)
+
+
+def resample_pos_embed(
+    pos_embed: Any,
+    new_grid: tuple[int, int],
+    num_prefix_tokens: int = 1,
+    interpolation: str = "bicubic",
+    antialias: bool = True,
+) -> Any:
+    """Resample a learned position embedding to another patch grid, as timm's ``resample_abs_pos_embed``.
+
+    The prefix tokens' (class, distillation, register) embeddings are kept; the
+    square grid of patch embeddings is interpolated in float32 with
+    ``F.interpolate(mode=interpolation, antialias=antialias, align_corners=False)``
+    (antialiasing only matters when shrinking).
+
+    Args:
+        pos_embed: (1, num_prefix_tokens + h * w, D) tensor with h == w.
+        new_grid: (H, W) patches of the new input size.
+
+    Returns:
+        (1, num_prefix_tokens + H * W, D) tensor in the input's dtype; the input
+        itself when the grid is unchanged.
+
+    Raises:
+        CheckpointError: the patch part is not a square grid.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    side = math.isqrt(grid.shape[1])
+    if side * side != grid.shape[1]:
+        raise CheckpointError(f"pos_embed has {grid.shape[1]} patch positions, not a square grid")
+    if (side, side) == tuple(new_grid):
+        return pos_embed
+    dim = grid.shape[-1]
+    image = grid.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, h, w)
+    image = F.interpolate(image, size=tuple(new_grid), mode=interpolation, antialias=antialias, align_corners=False)
+    grid = image.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)  # (1, H * W, D)
+    return torch.cat([prefix, grid], dim=1)

@@ -35,6 +35,25 @@ from .weights import ResolvedWeights, build_model, resolve_weights
 from .writers import append_failure, check_format, check_settings, output_state, run_settings, write_embedding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+POOLS = ("none", "cls", "mean", "patch")
+
+
+def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int) -> torch.Tensor:
+    """Reduce token encodings (B, T, D), T = prefix tokens + patches.
+
+    ``none``: (B, T, D) unchanged. ``cls``: the class token, (B, D). ``mean``:
+    the mean of the patch tokens, (B, D) (timm's ``global_pool='avg'``, prefix
+    tokens excluded). ``patch``: the patch tokens only, (B, grid * grid, D).
+    """
+    if pool == "none":
+        return tokens
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool == "mean":
+        return tokens[:, num_prefix_tokens:].mean(dim=1)
+    if pool == "patch":
+        return tokens[:, num_prefix_tokens:]
+    raise UsageError(f"--pool {pool!r}: expected one of {', '.join(POOLS)}")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -83,6 +102,7 @@ class Encoder:
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
         dtype: compute precision, ``float32`` | ``bfloat16`` | ``float16``.
         save_dtype: dtype of the returned embeddings (float32 by default).
+        pool: ``none`` | ``cls`` | ``mean`` | ``patch`` (see ``pool_tokens``).
         model: an already built model for ``weights`` (default: ``build_model(weights)``).
         model_name: catalog name recorded in the metadata.
 
@@ -97,10 +117,14 @@ class Encoder:
         device: str = "auto",
         dtype: str = "float32",
         save_dtype: str = "float32",
+        pool: str = "none",
         model: VisionTransformer | None = None,
         model_name: str = "",
     ):
         layer_index(layer, weights.config.depth)  # validate early
+        if pool not in POOLS:
+            raise UsageError(f"--pool {pool!r}: expected one of {', '.join(POOLS)}")
+        self.pool = pool
         self.weights = weights
         self.model_name = model_name
         self.layer = layer
@@ -117,9 +141,14 @@ class Encoder:
         return self.weights.preprocess
 
     @property
-    def output_shape(self) -> tuple[int, int]:
-        """(tokens, hidden) of one image's embedding: (197, 768) for ViT-B/16 at 224."""
-        return (self.weights.config.num_tokens, self.weights.config.hidden_size)
+    def output_shape(self) -> tuple[int, ...]:
+        """Shape of one image's embedding: (197, 768) for ViT-B/16 at 224 without pooling,
+        (768,) for ``cls`` and ``mean``, (196, 768) for ``patch``."""
+        cfg = self.weights.config
+        return {
+            "none": (cfg.num_tokens, cfg.hidden_size),
+            "patch": (cfg.num_patches, cfg.hidden_size),
+        }.get(self.pool, (cfg.hidden_size,))
 
     @torch.inference_mode()
     def __call__(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -127,6 +156,7 @@ class Encoder:
         batch = torch.as_tensor(pixels).to(self.device, non_blocking=True)
         x = normalize(batch, self.table, self.dtype)  # (B, 3, S, S)
         out = self.model(x, layers=(self.layer,))[self.layer]  # (B, T, D)
+        out = pool_tokens(out, self.pool, self.weights.config.num_prefix_tokens)  # (B, T, D) or (B, D)
         return out.to(self.save_dtype).cpu()
 
     def metadata(self) -> dict[str, str]:
@@ -139,6 +169,7 @@ class Encoder:
             "weights_sha256": w.sha256,
             "random_weights": "true" if w.random else "false",
             "layer": self.layer,
+            "pool": self.pool,
             "tokens": str(cfg.num_tokens),
             "hidden_size": str(cfg.hidden_size),
             "depth": str(cfg.depth),
@@ -159,6 +190,8 @@ class Encoder:
         }
         if w.random:
             meta["seed"] = str(w.seed)
+        if w.trained_image_size:
+            meta["pos_embed_resampled_from"] = f"{w.trained_image_size // cfg.patch_size}x{w.trained_image_size // cfg.patch_size}"
         return meta
 
 
@@ -356,18 +389,25 @@ def load_encoder(
     device: str = "auto",
     dtype: str = "float32",
     save_dtype: str = "float32",
+    pool: str = "none",
+    image_size: int | None = None,
     progress: bool = True,
 ) -> Encoder:
     """Resolve weights for a catalog model and build its ``Encoder``.
+
+    ``image_size`` other than the checkpoint's resamples its position embedding;
+    the other arguments are ``Encoder``'s and ``weights.resolve_weights``'.
 
     Raises:
         UsageError, WeightsNotFoundError, CheckpointError, DeviceError.
     """
     spec = get_model_spec(model)
-    resolved = resolve_weights(spec, weights, seed=seed, progress=progress)
+    resolved = resolve_weights(spec, weights, seed=seed, progress=progress).at_image_size(image_size)
     layer_index(layer, resolved.config.depth)
     resolve_device(device)
-    return Encoder(resolved, layer=layer, device=device, dtype=dtype, save_dtype=save_dtype, model_name=spec.name)
+    return Encoder(
+        resolved, layer=layer, device=device, dtype=dtype, save_dtype=save_dtype, pool=pool, model_name=spec.name
+    )
 
 
 def encode(

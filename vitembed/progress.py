@@ -24,7 +24,7 @@ def start_panel(console: Console, encoder, workers: int, out: Path) -> None:
         ("model", f"{encoder.model_name} ({w.config.depth} blocks, {w.config.hidden_size} wide)"),
         ("weights", w.source + (f" (seed {w.seed}; embeddings carry no meaning)" if w.random else "")),
         ("sha256", w.sha256 or "-"),
-        ("layer", f"{encoder.layer} -> {encoder.output_shape[0]}x{encoder.output_shape[1]} per image"),
+        ("layer", f"{encoder.layer}, pool {encoder.pool} -> {'x'.join(map(str, encoder.output_shape))} per image"),
         ("device", f"{encoder.device}  torch {torch.__version__}"),
         ("dtype", f"compute {encoder.dtype_name}, save {encoder.save_dtype_name}"),
         ("threads", f"torch {torch.get_num_threads()}, decode {workers}"),

@@ -9,6 +9,7 @@ the only way to get random weights.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -39,6 +40,8 @@ class ResolvedWeights:
         sha256: hex digest of ``file`` ("" for random weights).
         random: True only for ``--weights random``.
         seed: the seed of random weights (None otherwise).
+        trained_image_size: the input size of the checkpoint's own config; when it
+            differs from ``config.image_size`` the position embedding is resampled.
     """
 
     source: str
@@ -48,6 +51,28 @@ class ResolvedWeights:
     sha256: str = ""
     random: bool = False
     seed: int | None = None
+    trained_image_size: int | None = None
+
+    def at_image_size(self, image_size: int | None) -> "ResolvedWeights":
+        """The same weights for inputs of ``image_size`` pixels (None: unchanged).
+
+        Raises:
+            UsageError: a size that is not a positive multiple of the patch size.
+        """
+        if image_size is None or image_size == self.config.image_size:
+            return self
+        from .errors import UsageError
+
+        if image_size < 1 or image_size % self.config.patch_size:
+            raise UsageError(
+                f"--image-size {image_size}: must be a positive multiple of the patch size {self.config.patch_size}"
+            )
+        return dataclasses.replace(
+            self,
+            config=self.config.replace(image_size=image_size),
+            preprocess=self.preprocess.replace(image_size=image_size),
+            trained_image_size=None if self.random else self.trained_image_size or self.config.image_size,
+        )
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -225,20 +250,25 @@ def build_model(weights: ResolvedWeights):
     """The ``VisionTransformer`` for ``weights``: float32, CPU, eval mode.
 
     Random weights use the standard initialisation from ``weights.seed``;
-    otherwise the checkpoint is converted (``convert.convert_state_dict``) and
-    loaded strictly.
+    otherwise the checkpoint is converted (``convert.convert_state_dict``), its
+    position embedding resampled if the input size changed
+    (``convert.resample_pos_embed``), and loaded strictly.
 
     Raises:
         CheckpointError: keys or shapes that do not fit (first mismatching key named).
     """
-    from .convert import convert_state_dict, load_converted
+    from .convert import convert_state_dict, load_converted, resample_pos_embed
     from .model import VisionTransformer
 
-    model = VisionTransformer(weights.config)
+    cfg = weights.config
+    model = VisionTransformer(cfg)
     if weights.random:
         model.init_weights(seed=weights.seed or 0)
     else:
         assert weights.file is not None
         state_dict = convert_state_dict(read_state_dict(weights.file), str(weights.file))
+        if weights.trained_image_size and "pos_embed" in state_dict:
+            grid = (cfg.grid_size, cfg.grid_size)
+            state_dict["pos_embed"] = resample_pos_embed(state_dict["pos_embed"], grid, cfg.num_prefix_tokens)
         load_converted(model, state_dict, str(weights.file))
     return model.eval()
