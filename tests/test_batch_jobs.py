@@ -172,3 +172,43 @@ def test_same_weights_through_another_path_resume_the_same_dir(tmp_path, small_c
     os.symlink(small_ckpt, link)
     r = run_cli("encode", str(src), "--out", str(out), "--weights", str(link))
     assert r.returncode == 0 and _summary(r.stderr).startswith("encoded 0, skipped 2")
+
+
+def test_outputs_get_the_usual_permissions(tmp_path, small_ckpt):
+    src, out = _folder(tmp_path / "in", good=1, bad=False), tmp_path / "out"
+    r = subprocess.run(
+        ["bash", "-c", f"umask 022 && {sys.executable} -m vitembed encode {src} --out {out} --weights {small_ckpt}"],
+        capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert r.returncode == 0, r.stderr.decode()
+    for path in [*out.rglob("*.safetensors"), out / "vitembed.json"]:
+        assert oct(path.stat().st_mode & 0o777) == oct(0o644), path
+
+
+def test_another_format_in_the_same_dir_is_refused(tmp_path, small_ckpt):
+    src, out = _folder(tmp_path / "in", good=1, bad=False), tmp_path / "out"
+    assert run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt)).returncode == 0
+    r = run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt), "--format", "npy")
+    assert r.returncode == 2 and "format: 'safetensors' there, 'npy' now" in r.stderr.decode()
+
+
+def test_ctrl_c_exits_130_with_the_counts_and_whole_outputs(tmp_path):
+    src, out = _folder(tmp_path / "in", good=10, bad=False), tmp_path / "out"
+    env = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitembed", "encode", str(src), "--out", str(out), "--weights", "random", "--batch-size", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.rglob("*.safetensors")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr.decode()
+    assert "interrupted: the outputs already written are complete; run again to resume" in stderr.decode()
+    done = _outputs(out)
+    assert 1 <= len(done) < 10
+    assert _summary(stderr).startswith(f"encoded {len(done)}, skipped 0, failed 0")
+    for rel in done:
+        with safe_open(str(out / rel), "numpy") as f:
+            assert f.get_tensor("embedding").shape == (197, 768)

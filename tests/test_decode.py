@@ -135,4 +135,4 @@ def test_heif_decodes_with_pillow_heif_and_is_named_without_it(tmp_path, monkeyp
     fake.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
     monkeypatch.setattr(decode, "HEIF_SUPPORT", False)
     err = _kind(fake)
-    assert err.kind == "unsupported" and "HEIF/HEIC" in err.reason and "vitembed[heif]" in err.reason
+    assert err.kind == "unsupported" and "HEIF/HEIC" in err.reason and "pip install pillow-heif" in err.reason

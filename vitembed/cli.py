@@ -197,7 +197,7 @@ def encode(
             def on_result(result: "pipeline.Result") -> None:
                 if result.error is not None:
                     failed_lines.print(f"failed: {result.error}", markup=False)
-                elif result.reason is not None:
+                elif result.reason is not None and result.output is None:  # a repeat, not "already done"
                     err.print(f"skipped: {printable(result.source)}: {result.reason}", markup=False)
                 if as_json:
                     line = {"source": printable(result.source), "status": result.status, "output": None}
@@ -226,15 +226,20 @@ def encode(
         raise _fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:
         raise _fail("interrupted; the outputs already written are complete", 130) from None
-    err.print(
+    if summary.failed:
+        err.print(f"failures are listed in {printable(out / 'failures.jsonl')}", markup=False)
+    if summary.stopped:
+        err.print("stopped at the first failure (--fail-fast)", markup=False)
+    if summary.interrupted:
+        _stderr().print("interrupted: the outputs already written are complete; run again to resume", markup=False)
+    _stderr().print(  # the last line, even under --quiet: the counts a batch log needs
         f"encoded {summary.encoded}, skipped {summary.skipped}, failed {summary.failed} in {summary.seconds:.1f} s "
         f"({summary.images_per_second:.1f} images/s) -> {printable(out)}",
         markup=False,
     )
-    if summary.stopped:
-        err.print("stopped at the first failure (--fail-fast)", markup=False)
+    if summary.interrupted:
+        raise typer.Exit(130)
     if summary.failed:
-        err.print(f"failures are listed in {printable(out / 'failures.jsonl')}", markup=False)
         raise typer.Exit(1)
 
 
@@ -358,7 +363,7 @@ def main() -> None:
     """Console-script entry point."""
     try:
         app()
-    except BrokenPipeError:  # `vitembed ... --json | head`: stop quietly
+    except BrokenPipeError:  # `vitembed ... --json | head`: stop quietly, as SIGPIPE would (128 + 13)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        sys.exit(1)
+        sys.exit(141)

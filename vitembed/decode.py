@@ -102,7 +102,7 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None, allow_tru
     except UnidentifiedImageError:
         if _is_heif(name) and not HEIF_SUPPORT:
             raise InputError(
-                name, "unsupported", "HEIF/HEIC image: Pillow needs pillow-heif for it (pip install 'vitembed[heif]')"
+                name, "unsupported", "HEIF/HEIC image: Pillow needs pillow-heif for it (pip install pillow-heif)"
             ) from None
         if _is_heif(name):
             raise InputError(name, "not-an-image", "HEIF/HEIC file that pillow-heif cannot read") from None

@@ -215,7 +215,8 @@ class Summary:
     """Counts and timing of an ``encode`` run (seconds of wall time).
 
     ``skipped`` counts inputs already done and files named twice; ``stopped``
-    is True when ``fail_fast`` ended the run at a failure.
+    is True when ``fail_fast`` ended the run at a failure, ``interrupted`` when
+    Ctrl-C (KeyboardInterrupt) did.
     """
 
     encoded: int = 0
@@ -223,6 +224,7 @@ class Summary:
     skipped: int = 0
     seconds: float = 0.0
     stopped: bool = False
+    interrupted: bool = False
     results: list[Result] = field(default_factory=list)
 
     @property
@@ -327,7 +329,12 @@ def encode_jobs(
     workers = workers or usable_cores()
     summary = Summary()
     start = time.perf_counter()
-    base_meta = {**encoder.metadata(), "background": ",".join(map(str, decode.background))}
+    base_meta = {
+        **encoder.metadata(),
+        "background": ",".join(map(str, decode.background)),
+        "allow_truncated": "true" if decode.allow_truncated else "false",
+        "format": fmt,
+    }
     settings = run_settings(base_meta)
     pre = encoder.preprocess
     check_settings(plan.out_dir, settings, overwrite)
@@ -377,6 +384,8 @@ def encode_jobs(
                 report(Result(job.source, "encoded", output=str(job.output)))
     except _Stop:
         pass
+    except KeyboardInterrupt:  # Ctrl-C: the outputs written so far are complete; report what was done
+        summary.interrupted = True
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -8,6 +8,7 @@ and string metadata; ``npy`` holds the same array and no metadata.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -24,6 +25,14 @@ def check_format(fmt: str, save_dtype: str) -> None:
         raise UsageError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if fmt == "npy" and save_dtype == "bfloat16":
         raise UsageError("--format npy cannot hold bfloat16; use --save-dtype float16/float32 or --format safetensors")
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process umask (read once: reading it means setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def check_out_dir(out_dir: str | os.PathLike) -> None:
@@ -54,6 +63,7 @@ def atomic_write(path: Path, data: bytes | memoryview) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
