@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors import safe_open
 
@@ -212,3 +213,73 @@ def test_ctrl_c_exits_130_with_the_counts_and_whole_outputs(tmp_path):
     for rel in done:
         with safe_open(str(out / rel), "numpy") as f:
             assert f.get_tensor("embedding").shape == (197, 768)
+
+
+def test_output_names_too_long_fail_alone_and_long_legal_names_work(tmp_path, small_ckpt):
+    src = tmp_path / "in"
+    src.mkdir()
+    photo(20, 20).save(src / "a.png")
+    photo(20, 20, seed=1).save(src / ("x" * 247 + ".png"))  # its output name would be 263 bytes
+    photo(20, 20, seed=2).save(src / ("y" * 235 + ".png"))  # its output name is 251 bytes: legal
+    for _ in range(2):  # and the same on a re-run
+        r = run_cli("encode", str(src), "--out", str(tmp_path / "o"), "--weights", str(small_ckpt), "--json")
+        assert r.returncode == 1, r.stderr.decode()
+        status = {json.loads(line)["source"].split("/")[-1][:1]: json.loads(line) for line in r.stdout.decode().splitlines()}
+        assert status["x"]["error_kind"] == "write-failed" and "File name too long" in status["x"]["error"]
+        assert status["a"]["status"] in ("encoded", "skipped") and status["y"]["status"] in ("encoded", "skipped")
+    assert (tmp_path / "o" / ("y" * 235 + ".png.safetensors")).is_file()
+
+
+def test_unwritable_failure_log_does_not_stop_the_job(tmp_path, small_ckpt):
+    src, out = _folder(tmp_path / "in", good=3), tmp_path / "out"
+    (out / "failures.jsonl").mkdir(parents=True)
+    r = run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt))
+    assert r.returncode == 1
+    assert "warning: cannot append to failures.jsonl" in r.stderr.decode()
+    assert _summary(r.stderr).startswith("encoded 3, skipped 0, failed 1")
+
+
+def test_settings_file_that_is_a_folder_is_a_setup_error(tmp_path, small_ckpt):
+    src, out = _folder(tmp_path / "in", good=1, bad=False), tmp_path / "out"
+    (out / "vitembed.json").mkdir(parents=True)
+    r = run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt))
+    assert r.returncode == 2 and f"cannot read {out / 'vitembed.json'}" in r.stderr.decode()
+
+
+def test_interrupted_overwrite_is_finished_by_a_plain_rerun_npy(tmp_path, small_ckpt):
+    src, out = _folder(tmp_path / "in", good=4), tmp_path / "out"
+    args = ("encode", str(src), "--out", str(out), "--weights", str(small_ckpt), "--format", "npy")
+    assert run_cli(*args).returncode == 1  # layer last everywhere
+    # An --overwrite to layer 1 that stops at once (a/broken.jpg comes first): old npy files remain.
+    stopped = run_cli(*args, "--layer", "1", "--overwrite", "--fail-fast")
+    assert _summary(stopped.stderr).startswith("encoded 0")
+    resumed = run_cli(*args, "--layer", "1")
+    assert _summary(resumed.stderr).startswith("encoded 4, skipped 0, failed 1"), resumed.stderr.decode()
+    fresh = run_cli("encode", str(src), "--out", str(tmp_path / "fresh"), "--weights", str(small_ckpt), "--format", "npy", "--layer", "1")
+    assert fresh.returncode == 1
+    for p in (tmp_path / "fresh").rglob("*.npy"):
+        assert np.array_equal(np.load(p), np.load(out / p.relative_to(tmp_path / "fresh")))
+    assert json.loads((out / "vitembed.json").read_text())["overwrite_started"] is None
+    again = run_cli(*args, "--layer", "1")
+    assert _summary(again.stderr).startswith("encoded 0, skipped 4")
+
+
+def test_lost_settings_file_never_lets_settings_mix(tmp_path, small_ckpt):
+    src = _folder(tmp_path / "in", good=4, bad=False)
+    for fmt, message in (("npy", "holds npy outputs but no readable vitembed.json"), ("safetensors", "was made with other settings")):
+        out = tmp_path / f"out-{fmt}"
+        args = ("encode", str(src), "--out", str(out), "--weights", str(small_ckpt), "--format", fmt)
+        assert run_cli(*args).returncode == 0
+        (out / "vitembed.json").write_text('{"trunc')
+        victim = next(iter(sorted(out.rglob(f"*.{fmt}"))))
+        victim.unlink()  # one output missing: it must not be written with the new settings
+        r = run_cli(*args, "--layer", "1")
+        assert r.returncode == 2 and message in r.stderr.decode(), r.stderr.decode()
+        assert not victim.exists()
+
+
+def test_list_with_a_missing_input_exits_1(tmp_path):
+    src = _folder(tmp_path / "in", good=1, bad=False)
+    r = run_cli("encode", str(tmp_path / "nope.png"), str(src), "--out", str(tmp_path / "o"), "--list")
+    assert r.returncode == 1 and "nope.png: no such file or directory" in r.stderr.decode()
+    assert len(r.stdout.decode().splitlines()) == 1

@@ -229,3 +229,46 @@ def test_srgb_profile_gives_the_same_pixels_as_no_profile(tmp_path, small_ckpt):
 def test_broken_icc_profile_keeps_the_image(tmp_path):
     photo(20, 20).save(tmp_path / "bad-icc.png", icc_profile=b"not a profile at all")
     assert np.array_equal(np.asarray(decode_image(tmp_path / "bad-icc.png")), np.asarray(photo(20, 20)))
+
+
+def test_allow_truncated_does_not_leak_into_later_calls(tmp_path):
+    data = jpeg_bytes(photo(200, 150))
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) // 2])
+    decode_image(path, DecodeOptions(allow_truncated=True))
+    with pytest.raises(InputError):
+        decode_image(path)
+
+
+def test_16_bit_grey_transparency_key_is_honoured(tmp_path):
+    array = np.full((4, 4), 4660, np.uint16)
+    array[0, 0] = 1000
+    image = Image.fromarray(array)
+    image.info["transparency"] = 4660
+    rgb = np.asarray(to_rgb_(image)).tolist()
+    assert rgb[1][1] == [255, 255, 255] and rgb[0][0] == [4, 4, 4]
+
+
+def to_rgb_(image):
+    from vitembed.decode import to_rgb
+
+    return to_rgb(image)
+
+
+def test_icc_profile_on_palette_and_colour_keyed_images(tmp_path):
+    from PIL import ImageCms
+
+    from .icc import ADOBE_RGB
+
+    colour = (60, 160, 220)
+    expected = ImageCms.profileToProfile(
+        Image.new("RGB", (1, 1), colour), ImageCms.ImageCmsProfile(io.BytesIO(ADOBE_RGB)),
+        ImageCms.createProfile("sRGB"), outputMode="RGB",
+    ).getpixel((0, 0))
+    Image.new("RGB", (4, 4), colour).convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "p.png", icc_profile=ADOBE_RGB)
+    assert decode_image(tmp_path / "p.png").getpixel((0, 0)) == expected
+    keyed = Image.new("RGB", (4, 4), colour)
+    keyed.putpixel((0, 0), (1, 2, 3))
+    keyed.save(tmp_path / "k.png", icc_profile=ADOBE_RGB, transparency=(1, 2, 3))
+    out = decode_image(tmp_path / "k.png")
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 1)) == expected

@@ -161,6 +161,8 @@ def encode(
             plan = plan.shard(*_parse_shard(shard))
         if list_only:
             _print_plan(plan, as_json)
+            if plan.problems:
+                raise typer.Exit(1)
             return
         check_out_dir(out)
         if not len(plan):
@@ -226,7 +228,9 @@ def encode(
         raise _fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:
         raise _fail("interrupted; the outputs already written are complete", 130) from None
-    if summary.failed:
+    for problem in dict.fromkeys(summary.log_errors):
+        _stderr().print(f"warning: {problem}", markup=False)
+    if summary.failed and not summary.log_errors:
         err.print(f"failures are listed in {printable(out / 'failures.jsonl')}", markup=False)
     if summary.stopped:
         err.print("stopped at the first failure (--fail-fast)", markup=False)

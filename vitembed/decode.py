@@ -43,8 +43,10 @@ class DecodeOptions:
             before decoding (None: Pillow's ``Image.MAX_IMAGE_PIXELS``).
         background: RGB colour that transparency is composited onto (white).
         allow_truncated: decode truncated files, Pillow filling the missing
-            part with grey, instead of refusing them. Process-wide in Pillow
-            (``ImageFile.LOAD_TRUNCATED_IMAGES``), so it is set, never unset.
+            part with grey, instead of refusing them. Pillow keeps this switch
+            process-wide (``ImageFile.LOAD_TRUNCATED_IMAGES``): vitembed sets it
+            before each image, so runs in one process with different settings
+            must not decode at the same time.
     """
 
     max_pixels: int | None = None
@@ -85,8 +87,9 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None, allow_tru
     if st.st_size == 0:
         raise InputError(name, "empty", "empty file (0 bytes)")
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    if allow_truncated:
-        ImageFile.LOAD_TRUNCATED_IMAGES = True
+    # Pillow reads this module-wide switch at load time; set it for every image, so each call
+    # gets its own setting (two threads decoding with different settings at once would race).
+    ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
     try:
         with Image.open(name) as im:
             if limit is not None and im.width * im.height > limit:
@@ -147,7 +150,7 @@ def to_srgb(image: Image.Image) -> Image.Image:
     Alpha is kept. Returns RGB or RGBA when a conversion happened.
     """
     icc = image.info.get("icc_profile")
-    if not icc or "transparency" in image.info:  # a colour key must keep its exact colour
+    if not icc:
         return image
     from PIL import ImageCms
 
@@ -192,13 +195,21 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
     if mode == "F":
         name = getattr(image, "filename", "") or "<image>"
         raise InputError(name, "unsupported", "32-bit float image (mode F) has no agreed display range")
-    image = to_srgb(image)
     if mode in _WIDE_INT_MODES:
         wide = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8), "L")
+        grey = Image.fromarray(np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8), "L")
+        key = image.info.get("transparency")
+        if isinstance(key, int):  # a 16-bit tRNS key: those pixels are transparent
+            grey.putalpha(Image.fromarray(np.where(wide == key, 0, 255).astype(np.uint8), "L"))
+        image = grey
     elif mode in ("La", "RGBa"):  # premultiplied alpha: un-premultiply, then composite like the others
         image = image.convert("LA" if mode == "La" else "RGBA")
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
+    elif image.info.get("transparency") is not None:  # a palette or colour key: make it an alpha band
+        image = image.convert("RGBA")
+    elif mode in ("P", "PA"):
+        image = image.convert("RGBA" if mode == "PA" else "RGB")
+    image = to_srgb(image)
+    if "A" in image.getbands():
         rgba = image.convert("RGBA")
         base = Image.new("RGBA", rgba.size, (*background, 255))
         return Image.alpha_composite(base, rgba).convert("RGB")

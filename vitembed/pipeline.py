@@ -32,7 +32,19 @@ from .decode import DecodeOptions
 from .model import VisionTransformer
 from .preprocess import load_pixels, normalize, normalize_table
 from .weights import ResolvedWeights, build_model, resolve_weights
-from .writers import append_failure, check_format, check_settings, output_state, run_settings, write_embedding
+from .writers import (
+    FAILURES_FILE,
+    SETTINGS_FILE,
+    DirState,
+    append_failure,
+    check_format,
+    read_dir_state,
+    read_output,
+    run_settings,
+    settings_conflict,
+    write_dir_state,
+    write_embedding,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POOLS = ("none", "cls", "mean", "patch")
@@ -216,7 +228,8 @@ class Summary:
 
     ``skipped`` counts inputs already done and files named twice; ``stopped``
     is True when ``fail_fast`` ended the run at a failure, ``interrupted`` when
-    Ctrl-C (KeyboardInterrupt) did.
+    Ctrl-C (KeyboardInterrupt) did. ``log_errors`` says why lines could not be
+    appended to ``DIR/failures.jsonl``.
     """
 
     encoded: int = 0
@@ -225,6 +238,7 @@ class Summary:
     seconds: float = 0.0
     stopped: bool = False
     interrupted: bool = False
+    log_errors: list[str] = field(default_factory=list)
     results: list[Result] = field(default_factory=list)
 
     @property
@@ -337,13 +351,24 @@ def encode_jobs(
     }
     settings = run_settings(base_meta)
     pre = encoder.preprocess
-    check_settings(plan.out_dir, settings, overwrite)
+    run_id = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    state = read_dir_state(plan.out_dir)
+    if overwrite:
+        todo, already = list(plan.jobs), []
+        state = DirState(settings, overwrite_started=time.time())
+    else:
+        todo, already = scan_outputs(plan, fmt, settings, state)  # raises before anything is written
+        state = DirState(settings, state.overwrite_started if state.settings == settings else None)
+    write_dir_state(plan.out_dir, state)
 
     def report(result: Result) -> None:
         summary.results.append(result)
         setattr(summary, result.status, getattr(summary, result.status) + 1)
         if result.error is not None:
-            append_failure(plan.out_dir, result.source, result.error.kind, result.error.reason)
+            try:
+                append_failure(plan.out_dir, result.source, result.error.kind, result.error.reason, run_id)
+            except OSError as e:  # the log is a convenience: losing it must not lose the run
+                summary.log_errors.append(f"cannot append to {FAILURES_FILE}: {e.strerror or e}")
         if on_result is not None:
             on_result(result)
         if fail_fast and result.status == "failed":
@@ -353,19 +378,14 @@ def encode_jobs(
     def load(path: str) -> np.ndarray:
         return load_pixels(path, pre, decode)
 
-    def not_done(jobs: Iterable[Job]) -> Iterator[Job]:
-        for job in jobs:
-            if not overwrite and output_state(job.output, fmt, settings) == "complete":
-                report(Result(job.source, "skipped", output=str(job.output), reason="already done"))
-            else:
-                yield job
-
     try:
         for problem in plan.problems:
             report(Result(problem.path, "failed", error=problem))
         for source, first in plan.duplicates:
             report(Result(source, "skipped", reason=f"same file as {printable(first)}"))
-        decoded = decode_stage(not_done(plan.jobs), load, workers, lookahead=2 * batch_size)
+        for result in already:
+            report(result)
+        decoded = decode_stage(todo, load, workers, lookahead=2 * batch_size)
         for chunk in batch_stage(decoded, batch_size):
             images = [item for _, item in chunk if not isinstance(item, InputError)]
             embeddings = iter(encoder(np.stack(images))) if images else iter(())  # (B, T, D)
@@ -382,12 +402,61 @@ def encode_jobs(
                     report(Result(job.source, "failed", error=error))
                     continue
                 report(Result(job.source, "encoded", output=str(job.output)))
+        if state.overwrite_started is not None:  # every input went through: DIR holds one set of settings
+            write_dir_state(plan.out_dir, DirState(settings))
     except _Stop:
         pass
     except KeyboardInterrupt:  # Ctrl-C: the outputs written so far are complete; report what was done
         summary.interrupted = True
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def scan_outputs(
+    plan: Plan, fmt: str, settings: dict[str, str], state: DirState
+) -> tuple[list[Job], list[Result]]:
+    """The resume stage: which jobs still need encoding, before anything is written.
+
+    An existing output is done when it reads back whole and was made with
+    ``settings`` (its safetensors metadata; for npy, which has none, what
+    ``DIR/vitembed.json`` says). When ``vitembed.json`` records an unfinished
+    ``--overwrite`` run with these settings, outputs left from before it are
+    encoded again instead of being refused. An output path that cannot even be
+    examined (name too long, folder not searchable) becomes a failed result.
+
+    Returns:
+        (jobs to encode, results for inputs already done or failed).
+
+    Raises:
+        UsageError: DIR holds outputs made with other settings, or npy outputs that no
+            readable ``vitembed.json`` describes.
+    """
+    if state.settings is not None and state.settings != settings:
+        raise settings_conflict(f"{printable(plan.out_dir)} holds outputs", settings, state.settings)
+    redoing = state.overwrite_started
+    todo: list[Job] = []
+    done: list[Result] = []
+    for job in plan.jobs:
+        try:
+            status, theirs, mtime = read_output(job.output, fmt)
+        except OSError as e:
+            error = InputError(job.source, "write-failed", f"cannot use {printable(job.output)}: {e.strerror or e}")
+            done.append(Result(job.source, "failed", error=error))
+            continue
+        if status != "complete":
+            todo.append(job)
+        elif fmt == "npy" and state.settings is None:
+            raise UsageError(
+                f"{printable(plan.out_dir)} holds npy outputs but no readable {SETTINGS_FILE} says how they were "
+                "made; use --overwrite to re-encode them, or another --out"
+            )
+        elif (theirs is not None and theirs != settings) or (fmt == "npy" and redoing and mtime < redoing):
+            if redoing is None:
+                raise settings_conflict(f"{printable(job.output)} was", settings, theirs or {})
+            todo.append(job)  # left over from before an unfinished --overwrite
+        else:
+            done.append(Result(job.source, "skipped", output=str(job.output), reason="already done"))
+    return todo, done
 
 
 def load_encoder(

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 FORMATS = ("safetensors", "npy")
@@ -61,7 +63,8 @@ def atomic_write(path: Path, data: bytes | memoryview) -> None:
     and ``path`` is left as it was.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # A short name: any output name that fits the file system fits here too.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".vitembed-", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -135,69 +138,111 @@ def _differences(ours: dict[str, str], theirs: dict[str, str]) -> str:
     return "; ".join(f"{k}: {theirs.get(k, '<none>')!r} there, {ours.get(k, '<none>')!r} now" for k in keys[:6])
 
 
-def check_settings(out_dir: Path, settings: dict[str, str], overwrite: bool = False) -> None:
-    """Record this run's settings in ``DIR/vitembed.json``, refusing to mix runs.
+@dataclass
+class DirState:
+    """What ``DIR/vitembed.json`` says about the outputs in DIR.
+
+    Attributes:
+        settings: the settings of the outputs (None: no file, or unreadable).
+        overwrite_started: wall-clock time (``time.time()``) at which an
+            ``--overwrite`` run with these settings started and has not yet
+            finished: outputs older than this may still have the old settings.
+    """
+
+    settings: dict[str, str] | None = None
+    overwrite_started: float | None = None
+
+
+def read_dir_state(out_dir: Path) -> DirState:
+    """Read ``DIR/vitembed.json`` (missing or unreadable JSON gives an empty state).
 
     Raises:
-        UsageError: DIR already holds outputs of different settings and
-            ``overwrite`` is False; the message lists the differing keys.
+        UsageError: the path exists but cannot be read as a file (a folder, no permission).
     """
     import json
 
     from .errors import UsageError, printable
 
     path = Path(out_dir) / SETTINGS_FILE
-    if path.is_file():
-        try:
-            previous = json.loads(path.read_text())
-        except (OSError, ValueError):
-            previous = None
-        if previous == settings:
-            return
-        if previous is not None and not overwrite:
-            raise UsageError(
-                f"{printable(out_dir)} holds outputs made with other settings ({_differences(settings, previous)}); "
-                "use --overwrite to re-encode them, or another --out"
-            )
-    atomic_write(path, (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode())
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return DirState()
+    except OSError as e:
+        raise UsageError(f"cannot read {printable(path)}: {e.strerror or e}") from None
+    try:
+        data = json.loads(text)
+        settings = data["settings"]
+        started = data.get("overwrite_started")
+        if not isinstance(settings, dict) or not all(isinstance(v, str) for v in settings.values()):
+            return DirState()
+        return DirState(settings, float(started) if started is not None else None)
+    except (ValueError, KeyError, TypeError):
+        return DirState()
 
 
-def output_state(path: Path, fmt: str, settings: dict[str, str]) -> str:
-    """``missing``, ``complete`` (readable, made with ``settings``) or ``incomplete`` (unreadable: redo it).
+def write_dir_state(out_dir: Path, state: DirState) -> None:
+    """Write ``DIR/vitembed.json`` atomically.
 
     Raises:
-        UsageError: the file is complete but was made with other settings.
+        UsageError: it cannot be written.
     """
+    import json
+
     from .errors import UsageError, printable
 
-    if not path.is_file():
-        return "missing"
+    body = {"settings": state.settings, "overwrite_started": state.overwrite_started}
+    try:
+        atomic_write(Path(out_dir) / SETTINGS_FILE, (json.dumps(body, indent=1, sort_keys=True) + "\n").encode())
+    except OSError as e:
+        raise UsageError(f"cannot write {printable(Path(out_dir) / SETTINGS_FILE)}: {e.strerror or e}") from None
+
+
+def settings_conflict(where: str, ours: dict[str, str], theirs: dict[str, str]):
+    """The UsageError for outputs made with other settings."""
+    from .errors import UsageError
+
+    return UsageError(
+        f"{where} made with other settings ({_differences(ours, theirs)}); "
+        "use --overwrite to re-encode, or another --out"
+    )
+
+
+def read_output(path: Path, fmt: str) -> tuple[str, dict[str, str] | None, float]:
+    """State of one existing output: (``missing`` | ``incomplete`` | ``complete``, its settings, mtime).
+
+    Settings are read from a safetensors header (None for npy, which has no
+    metadata). A file that cannot be parsed whole is ``incomplete``.
+
+    Raises:
+        OSError: the path cannot be examined (name too long, folder not searchable).
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "missing", None, 0.0
+    if not stat.S_ISREG(st.st_mode):
+        return "incomplete", None, st.st_mtime
     try:
         if fmt == "safetensors":
             from safetensors import safe_open
 
             with safe_open(str(path), framework="numpy") as f:
                 if TENSOR_NAME not in f.keys():
-                    return "incomplete"
-                theirs = run_settings(dict(f.metadata() or {}))
-            if theirs != settings:
-                raise UsageError(
-                    f"{printable(path)} was made with other settings ({_differences(settings, theirs)}); "
-                    "use --overwrite to re-encode it, or another --out"
-                )
-        else:
-            import numpy as np
+                    return "incomplete", None, st.st_mtime
+                return "complete", run_settings(dict(f.metadata() or {})), st.st_mtime
+        import numpy as np
 
-            np.load(path, mmap_mode="r", allow_pickle=False)  # fails on a short or garbled file
-    except UsageError:
-        raise
+        np.load(path, mmap_mode="r", allow_pickle=False)  # fails on a short or garbled file
+        return "complete", None, st.st_mtime
     except Exception:
-        return "incomplete"
-    return "complete"
+        return "incomplete", None, st.st_mtime
 
 
-def append_failure(out_dir: Path, source: str, kind: str, message: str) -> None:
-    """Append one JSON line ``{"path", "kind", "message", "time"}`` to ``DIR/failures.jsonl``.
+def append_failure(out_dir: Path, source: str, kind: str, message: str, run: str = "") -> None:
+    """Append one JSON line ``{"path", "kind", "message", "time", "run"}`` to ``DIR/failures.jsonl``.
+
+    ``run`` is the start time of the run (ISO 8601), so that a re-run's failures can be told apart.
 
     One ``write`` on a file opened with O_APPEND, so concurrent shards do not interleave lines.
     """
@@ -208,7 +253,13 @@ def append_failure(out_dir: Path, source: str, kind: str, message: str) -> None:
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     line = json.dumps(
-        {"path": printable(source), "kind": kind, "message": message, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        {
+            "path": printable(source),
+            "kind": kind,
+            "message": message,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "run": run,
+        },
         ensure_ascii=False,
     )
     fd = os.open(Path(out_dir) / FAILURES_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
