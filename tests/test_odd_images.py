@@ -272,3 +272,30 @@ def test_icc_profile_on_palette_and_colour_keyed_images(tmp_path):
     keyed.save(tmp_path / "k.png", icc_profile=ADOBE_RGB, transparency=(1, 2, 3))
     out = decode_image(tmp_path / "k.png")
     assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 1)) == expected
+
+
+@pytest.mark.parametrize("fmt,ext", [("BMP", "bmp"), ("AVIF", "avif"), ("PNG", "jpg"), ("JPEG", "png"), ("WEBP", "gif")])
+def test_formats_are_detected_from_content_not_extension(tmp_path, fmt, ext):
+    path = tmp_path / f"picture.{ext}"
+    kwargs = {"quality": 95} if fmt in ("JPEG", "AVIF") else {"lossless": True} if fmt == "WEBP" else {}
+    smooth().save(path, fmt, **kwargs)
+    got = decode_image(path)
+    assert got.size == (64, 40)
+    assert np.abs(np.asarray(got, np.int16) - np.asarray(smooth(), np.int16)).mean() < 3
+
+
+def test_ds_store_and_other_non_images_are_refused(tmp_path):
+    path = tmp_path / ".DS_Store"
+    path.write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(range(256)) * 4)
+    with pytest.raises(InputError) as info:
+        decode_image(path)
+    assert info.value.kind == "not-an-image"
+
+
+def test_a_huge_later_page_is_never_decoded(tmp_path):
+    path = tmp_path / "pages.tif"
+    first, bomb = Image.new("RGB", (16, 16), (200, 10, 10)), Image.new("L", (3000, 3000))
+    first.save(path, save_all=True, append_images=[bomb])
+    # The limit is far below the second page: only the first page's header and pixels are read.
+    got = decode_image(path, DecodeOptions(max_pixels=16 * 16))
+    assert got.size == (16, 16) and got.getpixel((0, 0)) == (200, 10, 10)
