@@ -133,3 +133,33 @@ def test_normalize_table_values():
     assert TABLE[:, 0].tolist() == [-1.0] * 3 and TABLE[:, 255].tolist() == [1.0] * 3
     imagenet = normalize_table(PreprocessConfig(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
     assert imagenet[0, 0].item() == pytest.approx(-0.485 / 0.229, abs=1e-6)
+
+
+def _processors():
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.deit.image_processing_pil_deit import DeiTImageProcessorPil
+
+    imagenet = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    return {
+        "deit": DeiTImageProcessorPil(**imagenet),  # squash to 256, bicubic, crop 224
+        "clip": CLIPImageProcessorPil(),  # shortest edge 224, bicubic, crop 224, CLIP mean/std
+        "dinov2": BitImageProcessorPil(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, **imagenet),
+    }
+
+
+@pytest.mark.parametrize("family", ["deit", "clip", "dinov2"])
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (257, 999), (224, 224), (1, 1)])
+def test_crop_preprocessing_matches_each_family_processor(tmp_path, family, size):
+    import json
+
+    processor = _processors()[family]
+    cfg = PreprocessConfig.from_transformers(json.loads(processor.to_json_string()))
+    assert cfg.crop and cfg.image_size == 224 and cfg.interpolation == "bicubic"
+    path = tmp_path / "p.jpg"
+    path.write_bytes(jpeg_bytes(photo(*size, seed=size[1])))
+    with Image.open(path) as im:
+        want = processor(im, do_convert_rgb=True, return_tensors="pt")["pixel_values"]
+    got = normalize(torch.from_numpy(load_pixels(path, cfg))[None], normalize_table(cfg))
+    assert got.shape == want.shape == (1, 3, 224, 224)
+    assert torch.equal(got, want)

@@ -185,7 +185,7 @@ def layer_index(layer: str, depth: int) -> int:
 
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
-RESIZE_MODES = ("squash",)
+RESIZE_MODES = ("squash", "shortest")
 
 
 @dataclass(frozen=True)
@@ -199,8 +199,13 @@ class PreprocessConfig:
 
     Attributes:
         image_size: side of the square model input, in pixels.
-        resize: ``squash`` resizes the whole image to image_size x image_size,
-            ignoring its aspect ratio (no crop).
+        resize: ``squash`` resizes the whole image to resize_size x resize_size,
+            ignoring its aspect ratio; ``shortest`` resizes its shorter side to
+            resize_size, the longer side to ``int(resize_size * long / short)``
+            (transformers' ``shortest_edge``).
+        resize_size: target of the resize in pixels (None: ``image_size``).
+        crop: centre-crop the resized image to image_size x image_size, the
+            offsets rounded down as transformers' ``center_crop`` does.
         interpolation: Pillow resampling filter name (``bilinear``, ``bicubic``, ...).
         mean, std: per-channel (R, G, B) normalisation of values rescaled to [0, 1].
     """
@@ -210,6 +215,20 @@ class PreprocessConfig:
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resize_size: int | None = None
+    crop: bool = False
+
+    @property
+    def resize_to(self) -> int:
+        """The resize target in pixels: ``resize_size``, or ``image_size`` when unset."""
+        return self.resize_size or self.image_size
+
+    def at_image_size(self, image_size: int) -> "PreprocessConfig":
+        """The same preprocessing for another input size (the resize target scaled alike, rounded down)."""
+        if image_size == self.image_size:
+            return self
+        resize_size = None if self.resize_size is None else self.resize_size * image_size // self.image_size
+        return dataclasses.replace(self, image_size=image_size, resize_size=resize_size)
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size < 1:
@@ -219,6 +238,11 @@ class PreprocessConfig:
         if self.interpolation not in INTERPOLATIONS:
             raise UsageError(
                 f"unknown interpolation {self.interpolation!r}; expected one of {', '.join(INTERPOLATIONS)}"
+            )
+        if self.resize_to < self.image_size or (not self.crop and (self.resize != "squash" or self.resize_to != self.image_size)):
+            raise UsageError(
+                f"resize {self.resize} to {self.resize_to} then {'crop' if self.crop else 'no crop'} "
+                f"cannot give a {self.image_size}x{self.image_size} input"
             )
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (*self.mean, *self.std))
         if len(self.mean) != 3 or len(self.std) != 3 or not numbers or any(s <= 0 for s in self.std):
@@ -243,8 +267,23 @@ class PreprocessConfig:
             size = hf.get("size", {"height": 224, "width": 224})
             if isinstance(size, int):
                 size = {"height": size, "width": size}
-            if hf.get("do_center_crop") or not isinstance(size, dict) or size.get("height") != size.get("width"):
-                raise CheckpointError(f"{source}: only square squash-resize preprocessing is supported yet (size={size})")
+            if not isinstance(size, dict):
+                raise CheckpointError(f"{source}: size {size!r} is not supported")
+            if "shortest_edge" in size and size.get("longest_edge") is None:
+                resize, resize_size = "shortest", size["shortest_edge"]
+            elif size.get("height") is not None and size.get("height") == size.get("width"):
+                resize, resize_size = "squash", size["height"]
+            else:
+                raise CheckpointError(f"{source}: size {size} is not supported (square or shortest_edge only)")
+            crop = bool(hf.get("do_center_crop", False))
+            image_size = resize_size
+            if crop:
+                crop_size = hf.get("crop_size", {"height": 224, "width": 224})
+                if isinstance(crop_size, int):
+                    crop_size = {"height": crop_size, "width": crop_size}
+                if not isinstance(crop_size, dict) or crop_size.get("height") != crop_size.get("width"):
+                    raise CheckpointError(f"{source}: only square crops are supported (crop_size={crop_size})")
+                image_size = crop_size["height"]
             if not hf.get("do_resize", True) or not hf.get("do_rescale", True):
                 raise CheckpointError(f"{source}: do_resize and do_rescale must be true")
             if abs(float(hf.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
@@ -256,8 +295,10 @@ class PreprocessConfig:
             mean = tuple(hf.get("image_mean", (0.5, 0.5, 0.5))) if normalize else (0.0, 0.0, 0.0)
             std = tuple(hf.get("image_std", (0.5, 0.5, 0.5))) if normalize else (1.0, 1.0, 1.0)
             return cls(
-                image_size=size["height"],
-                resize="squash",
+                image_size=image_size,
+                resize=resize,
+                resize_size=resize_size if resize_size != image_size or resize != "squash" else None,
+                crop=crop,
                 interpolation=codes[resample],
                 mean=mean,  # type: ignore[arg-type]
                 std=std,  # type: ignore[arg-type]

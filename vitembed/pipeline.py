@@ -194,6 +194,8 @@ class Encoder:
             "patch_size": str(cfg.patch_size),
             "image_size": str(pre.image_size),
             "resize": pre.resize,
+            "resize_size": str(pre.resize_to),
+            "crop": "true" if pre.crop else "false",
             "interpolation": pre.interpolation,
             "mean": ",".join(repr(float(v)) for v in pre.mean),
             "std": ",".join(repr(float(v)) for v in pre.std),

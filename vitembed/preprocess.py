@@ -31,12 +31,26 @@ _RESAMPLE = {
 def resize(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """RGB PIL image -> (S, S, 3) uint8 array, S = ``cfg.image_size``.
 
-    ``squash``: the whole image resized to S x S with ``cfg.interpolation``,
-    aspect ratio not kept (transformers' ViTImageProcessor, ``do_center_crop=False``).
+    ``squash``: the whole image resized to R x R (R = ``cfg.resize_to``), aspect
+    ratio not kept (transformers' ViTImageProcessor). ``shortest``: the shorter
+    side resized to R, the longer to ``int(R * long / short)`` (transformers'
+    ``shortest_edge``). Then, with ``cfg.crop``, the centre S x S, offsets
+    rounded down (transformers' ``center_crop``).
     """
-    size = (cfg.image_size, cfg.image_size)
+    target = cfg.resize_to
+    width, height = image.size
+    if cfg.resize == "squash":
+        size = (target, target)
+    elif width <= height:
+        size = (target, int(target * height / width))
+    else:
+        size = (int(target * width / height), target)
     if image.size != size:
         image = image.resize(size, resample=_RESAMPLE[cfg.interpolation], reducing_gap=None)
+    if cfg.crop:
+        s = cfg.image_size
+        top, left = (size[1] - s) // 2, (size[0] - s) // 2
+        image = image.crop((left, top, left + s, top + s))
     return np.array(image, dtype=np.uint8)  # a writable copy, safe to hand to torch
 
 

@@ -70,7 +70,7 @@ class ResolvedWeights:
         return dataclasses.replace(
             self,
             config=self.config.replace(image_size=image_size),
-            preprocess=self.preprocess.replace(image_size=image_size),
+            preprocess=self.preprocess.at_image_size(image_size),
             trained_image_size=None if self.random else self.trained_image_size or self.config.image_size,
         )
 
@@ -103,7 +103,7 @@ def _from_path(path: Path, spec: ModelSpec, how: str) -> ResolvedWeights:
                     f"of {config_file}"
                 )
         else:
-            preprocess = spec.preprocess.replace(image_size=config.image_size)
+            preprocess = spec.preprocess.at_image_size(config.image_size)
         return ResolvedWeights(str(path), config, preprocess, file, sha256_file(file))
     if path.is_file():
         if path.suffix not in CHECKPOINT_SUFFIXES:
@@ -151,7 +151,7 @@ def _from_hub(spec: ModelSpec, progress: bool) -> tuple[ResolvedWeights | None, 
                 reasons.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0]}")
                 continue
             config = ViTConfig.from_transformers(_read_json(config_file), str(config_file))
-            preprocess = spec.preprocess.replace(image_size=config.image_size)
+            preprocess = spec.preprocess.at_image_size(config.image_size)
             return ResolvedWeights(f"hf://{spec.repo}", config, preprocess, file, sha256_file(file)), ""
     return None, "; ".join(reasons)
 
