@@ -27,6 +27,8 @@ class ModelSpec:
         layer_norm_eps: LayerNorm epsilon of the reference implementation.
         preprocess: the reference preprocessing.
         description: one line for ``vitembed models``.
+        family: ``vit`` or ``deit``.
+        dist_token: the checkpoint has DeiT's distillation token (198 tokens at 224/16).
     """
 
     name: str
@@ -36,14 +38,30 @@ class ModelSpec:
     layer_norm_eps: float = 1e-12
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     description: str = ""
+    family: str = "vit"
+    dist_token: bool = False
 
     def config(self) -> ViTConfig:
         """The architecture of this entry."""
-        return ViTConfig.from_variant(self.variant, image_size=self.image_size, layer_norm_eps=self.layer_norm_eps)
+        return ViTConfig.from_variant(
+            self.variant, image_size=self.image_size, layer_norm_eps=self.layer_norm_eps, dist_token=self.dist_token
+        )
 
 
 # google/vit-*: transformers ViTImageProcessor, squash-resize 224 bilinear, mean = std = 0.5.
 _GOOGLE = PreprocessConfig(image_size=224, resize="squash", interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3)
+
+# facebook/deit-*: transformers DeiTImageProcessor, squash-resize to 256 bicubic, centre crop 224,
+# ImageNet mean/std (Touvron et al. 2020).
+_DEIT = PreprocessConfig(
+    image_size=224,
+    resize="squash",
+    resize_size=256,
+    crop=True,
+    interpolation="bicubic",
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+)
 
 CATALOG: dict[str, ModelSpec] = {
     spec.name: spec
@@ -61,6 +79,29 @@ CATALOG: dict[str, ModelSpec] = {
             "B/16",
             preprocess=_GOOGLE,
             description="ViT-B/16 pre-trained on ImageNet-21k, fine-tuned on ImageNet-1k",
+        ),
+        *(
+            ModelSpec(
+                f"deit-{size}-distilled-patch16-224",
+                f"facebook/deit-{size}-distilled-patch16-224",
+                variant,
+                preprocess=_DEIT,
+                family="deit",
+                dist_token=True,
+                description=f"DeiT-{variant[:-3]} distilled: class + distillation token (Touvron et al. 2020)",
+            )
+            for size, variant in (("tiny", "Ti/16"), ("small", "S/16"), ("base", "B/16"))
+        ),
+        *(
+            ModelSpec(
+                f"deit-{size}-patch16-224",
+                f"facebook/deit-{size}-patch16-224",
+                variant,
+                preprocess=_DEIT,
+                family="deit",
+                description=f"DeiT-{variant[:-3]}, ImageNet-1k (Touvron et al. 2020)",
+            )
+            for size, variant in (("tiny", "Ti/16"), ("small", "S/16"), ("base", "B/16"))
         ),
     ]
 }

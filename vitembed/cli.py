@@ -343,12 +343,16 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="One JSON object
         cfg, pre = spec.config(), spec.preprocess
         row = {
             "name": spec.name,
+            "family": spec.family,
             "repo": spec.repo,
             "variant": spec.variant,
             "tokens": cfg.num_tokens,
             "hidden_size": cfg.hidden_size,
             "image_size": pre.image_size,
+            "prefix_tokens": cfg.num_prefix_tokens,
             "resize": pre.resize,
+            "resize_size": pre.resize_to,
+            "crop": pre.crop,
             "interpolation": pre.interpolation,
             "mean": list(pre.mean),
             "std": list(pre.std),
@@ -358,8 +362,9 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="One JSON object
             sys.stdout.write(json.dumps(row) + "\n")
         else:
             typer.echo(
-                f"{spec.name:<28} {spec.variant:<5} {cfg.num_tokens}x{cfg.hidden_size}  {pre.image_size}px "
-                f"{pre.resize}/{pre.interpolation} mean={list(pre.mean)} std={list(pre.std)}  {spec.repo}"
+                f"{spec.name:<34} {spec.family:<5} {spec.variant:<6} {cfg.num_tokens}x{cfg.hidden_size:<5} "
+                f"{pre.resize} {pre.resize_to}{f' crop {pre.image_size}' if pre.crop else ''} {pre.interpolation} "
+                f"mean={list(pre.mean)} std={list(pre.std)}  {spec.repo}"
             )
 
 

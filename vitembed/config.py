@@ -50,6 +50,8 @@ class ViTConfig:
             checkpoints' transformers configs, 1e-6 in timm).
         qkv_bias: whether the q, k, v projections carry a bias.
         act: MLP activation, one of ``gelu`` (exact, erf), ``gelu_tanh``, ``quick_gelu``.
+        dist_token: a DeiT distillation token follows the class token
+            (Touvron et al. 2020, section 5); the position embedding covers both.
     """
 
     hidden_size: int = 768
@@ -62,6 +64,7 @@ class ViTConfig:
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
     act: str = "gelu"
+    dist_token: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "depth", "num_heads", "mlp_dim", "patch_size", "image_size", "num_channels"):
@@ -89,8 +92,8 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        """Tokens before the patch tokens: the class token."""
-        return 1
+        """Tokens before the patch tokens: the class token, then DeiT's distillation token if any."""
+        return 1 + int(self.dist_token)
 
     @property
     def num_tokens(self) -> int:
@@ -126,8 +129,8 @@ class ViTConfig:
         if not isinstance(hf, dict):
             raise CheckpointError(f"{source}: expected a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type", "vit")
-        if model_type != "vit":
-            raise CheckpointError(f"{source}: model_type {model_type!r} is not supported (expected 'vit')")
+        if model_type not in ("vit", "deit"):
+            raise CheckpointError(f"{source}: model_type {model_type!r} is not supported (expected 'vit' or 'deit')")
         act = hf.get("hidden_act", "gelu")
         if not isinstance(act, str) or act not in _HF_ACT:
             raise CheckpointError(f"{source}: hidden_act {act!r} is not supported")
@@ -156,6 +159,7 @@ class ViTConfig:
                 layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
                 qkv_bias=bool(hf.get("qkv_bias", True)),
                 act=_HF_ACT[act],
+                dist_token=model_type == "deit",  # transformers' DeiTModel is the distilled DeiT
             )
         except KeyError as e:
             raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None

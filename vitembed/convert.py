@@ -18,13 +18,14 @@ from typing import Any
 from .errors import CheckpointError
 
 # Wrappers added by DataParallel/DDP, torch.compile, ViTFor*/Lightning modules.
-PREFIXES = ("module.", "_orig_mod.", "vit.", "model.")
+PREFIXES = ("module.", "_orig_mod.", "vit.", "deit.", "model.")
 
 # (regex, replacement) applied in order; the first full match wins.
 RENAMES: dict[str, list[tuple[str, str]]] = {
     # transformers ViTModel as saved on the Hub (google/vit-*), and by save_pretrained.
     "transformers": [
         (r"embeddings\.cls_token", r"cls_token"),
+        (r"embeddings\.distillation_token", r"dist_token"),  # DeiTModel
         (r"embeddings\.position_embeddings", r"pos_embed"),
         (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
         (r"encoder\.layer\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
@@ -58,9 +59,9 @@ RENAMES: dict[str, list[tuple[str, str]]] = {
 
 # Keys present in the sources that vitembed does not use; dropped, per format.
 UNUSED: dict[str, list[str]] = {
-    "transformers": [r"pooler\..*", r"classifier\..*", r"embeddings\.mask_token"],
+    "transformers": [r"pooler\..*", r"classifier\..*", r"distillation_classifier\..*", r"cls_classifier\..*", r"embeddings\.mask_token"],
     "transformers-v5": [r"pooler\..*", r"classifier\..*", r"embeddings\.mask_token"],
-    "timm": [r"head\..*", r"head_drop\..*"],
+    "timm": [r"head\..*", r"head_dist\..*", r"head_drop\..*"],
 }
 
 # One key that only that format has.

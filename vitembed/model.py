@@ -94,9 +94,10 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT encoder: pixel values (B, 3, S, S) -> named token encodings (B, T, D).
 
-    T = 1 + (S / P)^2 (197 for ViT-B/16 at 224), D = ``cfg.hidden_size``.
-    Follows timm's ``VisionTransformer`` (class token, no distillation token,
-    no registers) and matches transformers' ``ViTModel`` outputs.
+    T = prefix tokens + (S / P)^2 (197 for ViT-B/16 at 224; 198 with DeiT's
+    distillation token), D = ``cfg.hidden_size``. Follows timm's
+    ``VisionTransformer`` / ``VisionTransformerDistilled`` and matches
+    transformers' ``ViTModel`` and ``DeiTModel`` outputs.
     """
 
     def __init__(self, cfg: ViTConfig):
@@ -104,6 +105,7 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size)) if cfg.dist_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.hidden_size))
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -127,17 +129,20 @@ class VisionTransformer(nn.Module):
                     module.weight.fill_(1.0)
                     module.bias.zero_()
             nn.init.trunc_normal_(self.cls_token, std=std, generator=g)
+            if self.dist_token is not None:
+                nn.init.trunc_normal_(self.dist_token, std=std, generator=g)
             nn.init.trunc_normal_(self.pos_embed, std=std, generator=g)
         return self
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> token encodings (B, T, D): patches, class token, position embedding (Eq. 1)."""
+        """(B, 3, S, S) -> token encodings (B, T, D): patches, class (and distillation) token, position embedding (Eq. 1)."""
         B, _, H, W = pixel_values.shape
         S = self.cfg.image_size
         if (H, W) != (S, S):
             raise UsageError(f"input is {H}x{W} pixels; this model takes {S}x{S}")
         x = self.patch_embed(pixel_values)  # (B, N, D)
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, D)
+        prefix = [self.cls_token] if self.dist_token is None else [self.cls_token, self.dist_token]
+        x = torch.cat([p.expand(B, -1, -1) for p in prefix] + [x], dim=1)  # (B, prefix + N, D)
         return x + self.pos_embed
 
     def forward(self, pixel_values: torch.Tensor, layers: Iterable[str] = ("last",)) -> dict[str, torch.Tensor]:
