@@ -69,3 +69,63 @@ def test_deit_catalog_entries_and_random_weights(tmp_path):
     rows = [json.loads(line) for line in run_cli("models", "--json").stdout.decode().splitlines()]
     deit = next(r for r in rows if r["name"] == "deit-base-distilled-patch16-224")
     assert deit["tokens"] == 198 and deit["prefix_tokens"] == 2 and deit["crop"] and deit["resize_size"] == 256
+
+
+def _clip(path, whole: bool = False):
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96, image_size=32, patch_size=8)
+    if whole:
+        model = CLIPModel(CLIPConfig(vision_config=vision, text_config=dict(hidden_size=32, num_hidden_layers=1,
+                                                                           num_attention_heads=2, intermediate_size=64)))
+    else:
+        model = CLIPVisionModel(CLIPVisionConfig(**vision))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.eval().save_pretrained(path)
+    return path
+
+
+def test_clip_vision_tower_matches_transformers_at_every_layer_and_pooled(tmp_path):
+    from transformers import CLIPVisionModel
+
+    ckpt = _clip(tmp_path / "clip")
+    reference = CLIPVisionModel.from_pretrained(ckpt).eval()
+    weights = resolve_weights(get_model_spec("clip-vit-base-patch16"), ckpt)
+    cfg = weights.config
+    assert cfg.pre_norm and cfg.final_norm == "pooled" and cfg.act == "quick_gelu" and not cfg.patch_bias
+    ours = build_model(weights)
+    x = torch.randn(2, 3, 32, 32)
+    names = ["embeddings", "1", "2", "3", "last"]
+    with torch.no_grad():
+        ref = reference(pixel_values=x, output_hidden_states=True)
+        out = ours(x, layers=names)
+        pooled = ours.pool(out["last"], "cls", "last")
+    for i, name in enumerate(names):
+        want = ref.last_hidden_state if name == "last" else ref.hidden_states[i]
+        assert (out[name] - want).abs().max() < 1e-4, name
+    assert torch.equal(out["last"], out["3"])  # CLIP's last hidden state is not post-LayerNormed...
+    assert (pooled - ref.pooler_output).abs().max() < 1e-4  # ...its pooled output is
+
+
+def test_clip_image_tower_of_a_whole_clip_model_loads(tmp_path):
+    from transformers import CLIPModel
+
+    ckpt = _clip(tmp_path / "whole", whole=True)
+    reference = CLIPModel.from_pretrained(ckpt).eval()
+    ours = build_model(resolve_weights(get_model_spec("clip-vit-base-patch16"), ckpt))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = reference.vision_model(pixel_values=x).pooler_output
+        got = ours.pool(ours(x)["last"], "cls", "last")
+    assert (got - want).abs().max() < 1e-4
+
+
+def test_clip_random_weights_and_catalog():
+    spec = get_model_spec("clip-vit-large-patch14")
+    model = build_model(resolve_weights(spec, "random"))
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 224, 224))["last"].shape == (1, 257, 1024)
+    assert spec.preprocess.resize == "shortest" and spec.preprocess.crop

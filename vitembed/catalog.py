@@ -27,8 +27,9 @@ class ModelSpec:
         layer_norm_eps: LayerNorm epsilon of the reference implementation.
         preprocess: the reference preprocessing.
         description: one line for ``vitembed models``.
-        family: ``vit`` or ``deit``.
-        dist_token: the checkpoint has DeiT's distillation token (198 tokens at 224/16).
+        family: ``vit``, ``deit`` or ``clip``.
+        arch: ``ViTConfig`` fields that differ from the plain ViT (DeiT's
+            ``dist_token``; CLIP's ``pre_norm``, ``final_norm``, ``patch_bias``, ``act``).
     """
 
     name: str
@@ -39,12 +40,12 @@ class ModelSpec:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     description: str = ""
     family: str = "vit"
-    dist_token: bool = False
+    arch: tuple[tuple[str, object], ...] = ()
 
     def config(self) -> ViTConfig:
         """The architecture of this entry."""
         return ViTConfig.from_variant(
-            self.variant, image_size=self.image_size, layer_norm_eps=self.layer_norm_eps, dist_token=self.dist_token
+            self.variant, image_size=self.image_size, layer_norm_eps=self.layer_norm_eps, **dict(self.arch)
         )
 
 
@@ -62,6 +63,18 @@ _DEIT = PreprocessConfig(
     mean=(0.485, 0.456, 0.406),
     std=(0.229, 0.224, 0.225),
 )
+
+# openai/clip-vit-*: CLIPImageProcessor, shortest edge 224 bicubic, centre crop 224, CLIP mean/std.
+_CLIP = PreprocessConfig(
+    image_size=224,
+    resize="shortest",
+    resize_size=224,
+    crop=True,
+    interpolation="bicubic",
+    mean=(0.48145466, 0.4578275, 0.40821073),
+    std=(0.26862954, 0.26130258, 0.27577711),
+)
+_CLIP_ARCH = (("patch_bias", False), ("pre_norm", True), ("final_norm", "pooled"), ("act", "quick_gelu"))
 
 CATALOG: dict[str, ModelSpec] = {
     spec.name: spec
@@ -87,7 +100,7 @@ CATALOG: dict[str, ModelSpec] = {
                 variant,
                 preprocess=_DEIT,
                 family="deit",
-                dist_token=True,
+                arch=(("dist_token", True),),
                 description=f"DeiT-{variant[:-3]} distilled: class + distillation token (Touvron et al. 2020)",
             )
             for size, variant in (("tiny", "Ti/16"), ("small", "S/16"), ("base", "B/16"))
@@ -102,6 +115,19 @@ CATALOG: dict[str, ModelSpec] = {
                 description=f"DeiT-{variant[:-3]}, ImageNet-1k (Touvron et al. 2020)",
             )
             for size, variant in (("tiny", "Ti/16"), ("small", "S/16"), ("base", "B/16"))
+        ),
+        *(
+            ModelSpec(
+                f"clip-vit-{size}",
+                f"openai/clip-vit-{size}",
+                variant,
+                layer_norm_eps=1e-5,
+                preprocess=_CLIP,
+                family="clip",
+                arch=_CLIP_ARCH,
+                description=f"CLIP ViT-{variant} image tower (Radford et al. 2021); last = pre-post-LayerNorm",
+            )
+            for size, variant in (("base-patch32", "B/32"), ("base-patch16", "B/16"), ("large-patch14", "L/14"))
         ),
     ]
 }

@@ -52,6 +52,13 @@ class ViTConfig:
         act: MLP activation, one of ``gelu`` (exact, erf), ``gelu_tanh``, ``quick_gelu``.
         dist_token: a DeiT distillation token follows the class token
             (Touvron et al. 2020, section 5); the position embedding covers both.
+        patch_bias: the patch projection has a bias (CLIP's has none).
+        pre_norm: a LayerNorm (``norm_pre``) follows the position embedding,
+            before the blocks (CLIP's ``pre_layrnorm``).
+        final_norm: ``tokens``: the final LayerNorm applies to every token and
+            ``last`` is its output (ViT, DeiT); ``pooled``: it applies only to the
+            pooled class token and ``last`` is the last block's output (CLIP's
+            ``post_layernorm``, Radford et al. 2021).
     """
 
     hidden_size: int = 768
@@ -65,6 +72,9 @@ class ViTConfig:
     qkv_bias: bool = True
     act: str = "gelu"
     dist_token: bool = False
+    patch_bias: bool = True
+    pre_norm: bool = False
+    final_norm: str = "tokens"
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "depth", "num_heads", "mlp_dim", "patch_size", "image_size", "num_channels"):
@@ -77,6 +87,8 @@ class ViTConfig:
             raise UsageError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.image_size % self.patch_size:
             raise UsageError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.final_norm not in ("tokens", "pooled"):
+            raise UsageError(f"final_norm must be 'tokens' or 'pooled' (got {self.final_norm!r})")
         if self.act not in ACTIVATIONS:
             raise UsageError(f"unknown activation {self.act!r}; expected one of {', '.join(ACTIVATIONS)}")
 
@@ -129,8 +141,13 @@ class ViTConfig:
         if not isinstance(hf, dict):
             raise CheckpointError(f"{source}: expected a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type", "vit")
-        if model_type not in ("vit", "deit"):
-            raise CheckpointError(f"{source}: model_type {model_type!r} is not supported (expected 'vit' or 'deit')")
+        if model_type == "clip" and isinstance(hf.get("vision_config"), dict):  # a whole CLIPModel: its image tower
+            hf, model_type = {**hf["vision_config"], "model_type": "clip_vision_model"}, "clip_vision_model"
+        if model_type not in ("vit", "deit", "clip_vision_model"):
+            raise CheckpointError(
+                f"{source}: model_type {model_type!r} is not supported (expected 'vit', 'deit' or 'clip_vision_model')"
+            )
+        clip = model_type == "clip_vision_model"
         act = hf.get("hidden_act", "gelu")
         if not isinstance(act, str) or act not in _HF_ACT:
             raise CheckpointError(f"{source}: hidden_act {act!r} is not supported")
@@ -160,6 +177,9 @@ class ViTConfig:
                 qkv_bias=bool(hf.get("qkv_bias", True)),
                 act=_HF_ACT[act],
                 dist_token=model_type == "deit",  # transformers' DeiTModel is the distilled DeiT
+                patch_bias=not clip,
+                pre_norm=clip,
+                final_norm="pooled" if clip else "tokens",
             )
         except KeyError as e:
             raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None

@@ -18,7 +18,7 @@ from typing import Any
 from .errors import CheckpointError
 
 # Wrappers added by DataParallel/DDP, torch.compile, ViTFor*/Lightning modules.
-PREFIXES = ("module.", "_orig_mod.", "vit.", "deit.", "model.")
+PREFIXES = ("module.", "_orig_mod.", "vit.", "deit.", "vision_model.", "model.")
 
 # (regex, replacement) applied in order; the first full match wins.
 RENAMES: dict[str, list[tuple[str, str]]] = {
@@ -53,6 +53,22 @@ RENAMES: dict[str, list[tuple[str, str]]] = {
         (r"layers\.(\d+)\.mlp\.fc2\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
         (r"layernorm\.(weight|bias)", r"norm.\1"),
     ],
+    # transformers CLIPVisionModel (and the image tower of a CLIPModel).
+    "transformers-clip": [
+        (r"embeddings\.class_embedding", r"cls_token"),
+        (r"embeddings\.position_embedding\.weight", r"pos_embed"),
+        (r"embeddings\.patch_embedding\.weight", r"patch_embed.proj.weight"),
+        (r"pre_layrnorm\.(weight|bias)", r"norm_pre.\1"),
+        (r"encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)", r"blocks.\1.norm1.\2"),
+        (r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"blocks.\1.attn.q.\2"),
+        (r"encoder\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"blocks.\1.attn.k.\2"),
+        (r"encoder\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"blocks.\1.attn.v.\2"),
+        (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+        (r"encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)", r"blocks.\1.norm2.\2"),
+        (r"encoder\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+        (r"encoder\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+        (r"post_layernorm\.(weight|bias)", r"norm.\1"),
+    ],
     # timm VisionTransformer: already our names.
     "timm": [],
 }
@@ -61,6 +77,13 @@ RENAMES: dict[str, list[tuple[str, str]]] = {
 UNUSED: dict[str, list[str]] = {
     "transformers": [r"pooler\..*", r"classifier\..*", r"distillation_classifier\..*", r"cls_classifier\..*", r"embeddings\.mask_token"],
     "transformers-v5": [r"pooler\..*", r"classifier\..*", r"embeddings\.mask_token"],
+    "transformers-clip": [
+        r"embeddings\.position_ids",
+        r"text_model\..*",
+        r"visual_projection\..*",
+        r"text_projection\..*",
+        r"logit_scale",
+    ],
     "timm": [r"head\..*", r"head_dist\..*", r"head_drop\..*"],
 }
 
@@ -68,6 +91,7 @@ UNUSED: dict[str, list[str]] = {
 TELLTALES: list[tuple[str, str]] = [
     ("transformers", r"encoder\.layer\.\d+\.attention\.attention\.query\.weight"),
     ("transformers-v5", r"layers\.\d+\.attention\.q_proj\.weight"),
+    ("transformers-clip", r"encoder\.layers\.\d+\.self_attn\.q_proj\.weight"),
     ("timm", r"blocks\.\d+\.attn\.qkv\.weight"),
 ]
 
@@ -97,7 +121,8 @@ def detect_format(state_dict: Mapping[str, Any], source: str = "checkpoint") -> 
             return name
     first = next(iter(state_dict), "<empty>")
     raise CheckpointError(
-        f"{source}: not a ViT checkpoint in a known layout (transformers ViTModel or timm); first key is {first!r}"
+        f"{source}: not a ViT checkpoint in a known layout (transformers ViTModel, DeiTModel, CLIPVisionModel, "
+        f"or timm); first key is {first!r}"
     )
 
 
@@ -151,6 +176,11 @@ def convert_state_dict(state_dict: Mapping[str, Any], source: str = "checkpoint"
             else:
                 raise CheckpointError(f"{source}: unexpected key {key!r} in a {fmt} checkpoint")
         out[key] = value
+    # CLIP keeps the class token as (D,) and the position embedding as an (T, D) table.
+    if "cls_token" in out and out["cls_token"].dim() == 1:
+        out["cls_token"] = out["cls_token"].reshape(1, 1, -1)
+    if "pos_embed" in out and out["pos_embed"].dim() == 2:
+        out["pos_embed"] = out["pos_embed"].unsqueeze(0)
     return _fuse_qkv(out, source)
 
 

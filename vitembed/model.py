@@ -40,7 +40,9 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.proj = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.proj = nn.Conv2d(
+            cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (B, D, H/P, W/P)
@@ -107,6 +109,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size)) if cfg.dist_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.hidden_size))
+        self.norm_pre = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_norm else None
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
@@ -143,7 +146,8 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(pixel_values)  # (B, N, D)
         prefix = [self.cls_token] if self.dist_token is None else [self.cls_token, self.dist_token]
         x = torch.cat([p.expand(B, -1, -1) for p in prefix] + [x], dim=1)  # (B, prefix + N, D)
-        return x + self.pos_embed
+        x = x + self.pos_embed
+        return x if self.norm_pre is None else self.norm_pre(x)
 
     def forward(self, pixel_values: torch.Tensor, layers: Iterable[str] = ("last",)) -> dict[str, torch.Tensor]:
         """Run the encoder as far as the deepest requested layer.
@@ -157,7 +161,8 @@ class VisionTransformer(nn.Module):
         Returns:
             ``{name: (B, T, D) tensor}`` for each requested name. ``"embeddings"``
             equals transformers' ``hidden_states[0]``, ``"N"`` is
-            ``hidden_states[N]``, ``"last"`` is ``last_hidden_state``.
+            ``hidden_states[N]``, ``"last"`` is ``last_hidden_state`` (for CLIP
+            the last block's output, as its reference has it).
         """
         wanted = {name: layer_index(name, self.cfg.depth) for name in layers}
         deepest = max(wanted.values(), default=0)
@@ -170,7 +175,32 @@ class VisionTransformer(nn.Module):
             x = block(x)  # (B, T, D)
             if i in keep:
                 states[i] = x
-        if deepest == self.cfg.depth + 1:
-            states[deepest] = self.norm(x)  # (B, T, D)
+        if deepest == self.cfg.depth + 1:  # CLIP: its last hidden state is not normalised
+            states[deepest] = self.norm(x) if self.cfg.final_norm == "tokens" else x  # (B, T, D)
         out = {name: states[index] for name, index in wanted.items()}
         return out
+
+
+    def pool(self, tokens: torch.Tensor, how: str, layer: str = "last") -> torch.Tensor:
+        """Reduce token encodings (B, T, D) of ``layer``; T = prefix tokens + patches.
+
+        ``none``: unchanged. ``cls``: the class token, (B, D); for ``last`` of a
+        model with ``final_norm="pooled"`` (CLIP) the final LayerNorm is applied
+        to it, giving the reference's ``pooler_output``. ``mean``: the mean of
+        the patch tokens, (B, D) (timm's ``global_pool='avg'``, prefix tokens
+        excluded). ``patch``: the patch tokens only, (B, grid * grid, D).
+
+        Raises:
+            UsageError: an unknown ``how``.
+        """
+        prefix = self.cfg.num_prefix_tokens
+        if how == "none":
+            return tokens
+        if how == "cls":
+            cls = tokens[:, 0]
+            return self.norm(cls) if layer == "last" and self.cfg.final_norm == "pooled" else cls
+        if how == "mean":
+            return tokens[:, prefix:].mean(dim=1)
+        if how == "patch":
+            return tokens[:, prefix:]
+        raise UsageError(f"pool {how!r}: expected none, cls, mean or patch")

@@ -50,24 +50,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 POOLS = ("none", "cls", "mean", "patch")
 
 
-def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int) -> torch.Tensor:
-    """Reduce token encodings (B, T, D), T = prefix tokens + patches.
-
-    ``none``: (B, T, D) unchanged. ``cls``: the class token, (B, D). ``mean``:
-    the mean of the patch tokens, (B, D) (timm's ``global_pool='avg'``, prefix
-    tokens excluded). ``patch``: the patch tokens only, (B, grid * grid, D).
-    """
-    if pool == "none":
-        return tokens
-    if pool == "cls":
-        return tokens[:, 0]
-    if pool == "mean":
-        return tokens[:, num_prefix_tokens:].mean(dim=1)
-    if pool == "patch":
-        return tokens[:, num_prefix_tokens:]
-    raise UsageError(f"--pool {pool!r}: expected one of {', '.join(POOLS)}")
-
-
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
 
@@ -114,7 +96,7 @@ class Encoder:
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
         dtype: compute precision, ``float32`` | ``bfloat16`` | ``float16``.
         save_dtype: dtype of the returned embeddings (float32 by default).
-        pool: ``none`` | ``cls`` | ``mean`` | ``patch`` (see ``pool_tokens``).
+        pool: ``none`` | ``cls`` | ``mean`` | ``patch`` (see ``VisionTransformer.pool``).
         model: an already built model for ``weights`` (default: ``build_model(weights)``).
         model_name: catalog name recorded in the metadata.
 
@@ -168,7 +150,7 @@ class Encoder:
         batch = torch.as_tensor(pixels).to(self.device, non_blocking=True)
         x = normalize(batch, self.table, self.dtype)  # (B, 3, S, S)
         out = self.model(x, layers=(self.layer,))[self.layer]  # (B, T, D)
-        out = pool_tokens(out, self.pool, self.weights.config.num_prefix_tokens)  # (B, T, D) or (B, D)
+        out = self.model.pool(out, self.pool, self.layer)  # (B, T, D) or (B, D)
         return out.to(self.save_dtype).cpu()
 
     def metadata(self) -> dict[str, str]:
