@@ -27,7 +27,7 @@ class ModelSpec:
         layer_norm_eps: LayerNorm epsilon of the reference implementation.
         preprocess: the reference preprocessing.
         description: one line for ``vitembed models``.
-        family: ``vit``, ``deit`` or ``clip``.
+        family: ``vit``, ``deit``, ``dino`` or ``clip``.
         arch: ``ViTConfig`` fields that differ from the plain ViT (DeiT's
             ``dist_token``; CLIP's ``pre_norm``, ``final_norm``, ``patch_bias``, ``act``).
     """
@@ -57,6 +57,18 @@ _GOOGLE = PreprocessConfig(image_size=224, resize="squash", interpolation="bilin
 _DEIT = PreprocessConfig(
     image_size=224,
     resize="squash",
+    resize_size=256,
+    crop=True,
+    interpolation="bicubic",
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+)
+
+# DINO v1 (Caron et al. 2021): resize the shorter side to 256 bicubic, centre crop 224, ImageNet
+# mean/std, as its evaluation code does; timm LayerNorm eps 1e-6.
+_DINO = PreprocessConfig(
+    image_size=224,
+    resize="shortest",
     resize_size=256,
     crop=True,
     interpolation="bicubic",
@@ -115,6 +127,18 @@ CATALOG: dict[str, ModelSpec] = {
                 description=f"DeiT-{variant[:-3]}, ImageNet-1k (Touvron et al. 2020)",
             )
             for size, variant in (("tiny", "Ti/16"), ("small", "S/16"), ("base", "B/16"))
+        ),
+        *(
+            ModelSpec(
+                f"dino-vit{size}",
+                f"facebook/dino-vit{size}",
+                variant,
+                layer_norm_eps=1e-6,
+                preprocess=_DINO,
+                family="dino",
+                description=f"DINO ViT-{variant}, self-supervised on ImageNet-1k (Caron et al. 2021)",
+            )
+            for size, variant in (("s16", "S/16"), ("b16", "B/16"))
         ),
         *(
             ModelSpec(
