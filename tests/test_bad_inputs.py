@@ -97,7 +97,7 @@ def test_bad_config_json_is_a_checkpoint_error_naming_the_file(tmp_path, small_c
         ({"image_mean": "x"}, "mean and std need 3 numbers each"),
         ({"resample": None}, "unknown resample None"),
         ({"size": {"height": 0, "width": 0}}, "image size must be a positive integer"),
-        ({"size": {"height": 64, "width": 64}}, "size 64 does not match image_size 32"),
+        ({"size": {"height": 60, "width": 60}}, "--image-size 60: must be a positive multiple of the patch size 8"),
     ],
 )
 def test_bad_preprocessor_config_is_refused_at_load(tmp_path, small_ckpt, pre, message):

@@ -169,3 +169,59 @@ def test_dino_timm_state_dict_file_with_the_dino_model_name(tmp_path):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert (ours(x)["last"] - reference(pixel_values=x).last_hidden_state).abs().max() < 1e-4
+
+
+def _dinov2(path, registers: int = 0):
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(0)
+    kw = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=56, patch_size=8)
+    model = (
+        Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **kw))
+        if registers
+        else Dinov2Model(Dinov2Config(**kw))
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.eval().save_pretrained(path)
+    return path
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+@pytest.mark.parametrize("size", [56, 32])
+def test_dinov2_matches_transformers_at_every_layer(tmp_path, registers, size):
+    """At the checkpoint's size, and at a smaller one through the interpolated position embedding
+    (as the 518 -> 224 of the real checkpoints)."""
+    from transformers import AutoModel
+
+    ckpt = _dinov2(tmp_path / "d2", registers)
+    reference = AutoModel.from_pretrained(ckpt).eval()
+    weights = resolve_weights(get_model_spec("dinov2-small"), ckpt).at_image_size(size)
+    cfg = weights.config
+    assert cfg.layer_scale and cfg.reg_tokens == registers and cfg.num_prefix_tokens == 1 + registers
+    ours = build_model(weights)
+    x = torch.randn(2, 3, size, size)
+    names = ["embeddings", "1", "2", "3", "last"]
+    with torch.no_grad():
+        ref = reference(pixel_values=x, output_hidden_states=True)
+        out = ours(x, layers=names)
+    tokens = 1 + registers + (size // 8) ** 2
+    for i, name in enumerate(names):
+        want = ref.last_hidden_state if name == "last" else ref.hidden_states[i]
+        assert out[name].shape == want.shape == (2, tokens, 48)
+        assert (out[name] - want).abs().max() < 1e-4, (name, (out[name] - want).abs().max())
+
+
+def test_dinov2_directory_without_preprocessor_config_runs_at_224(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(hidden_size=48, num_hidden_layers=1, num_attention_heads=4, mlp_ratio=2,
+                             image_size=518, patch_size=14)).save_pretrained(tmp_path / "d2")
+    weights = resolve_weights(get_model_spec("vit-base-patch16-224-in21k"), tmp_path / "d2")
+    assert weights.preprocess.image_size == 224 and weights.preprocess.resize == "shortest"
+    assert weights.config.image_size == 224 and weights.trained_image_size == 518
+    assert weights.config.num_tokens == 1 + 16 * 16

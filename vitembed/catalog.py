@@ -27,7 +27,7 @@ class ModelSpec:
         layer_norm_eps: LayerNorm epsilon of the reference implementation.
         preprocess: the reference preprocessing.
         description: one line for ``vitembed models``.
-        family: ``vit``, ``deit``, ``dino`` or ``clip``.
+        family: ``vit``, ``deit``, ``dino``, ``dinov2`` or ``clip``.
         arch: ``ViTConfig`` fields that differ from the plain ViT (DeiT's
             ``dist_token``; CLIP's ``pre_norm``, ``final_norm``, ``patch_bias``, ``act``).
     """
@@ -76,6 +76,19 @@ _DINO = PreprocessConfig(
     std=(0.229, 0.224, 0.225),
 )
 
+# facebook/dinov2-*: BitImageProcessor, shorter side 256 bicubic, centre crop 224, ImageNet mean/std.
+# The checkpoints' position embedding is for 518x518 (37x37 patches); it is resampled to the 16x16 grid.
+_DINOV2 = PreprocessConfig(
+    image_size=224,
+    resize="shortest",
+    resize_size=256,
+    crop=True,
+    interpolation="bicubic",
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+)
+_DINOV2_ARCH = (("layer_scale", True), ("pos_embed_antialias", False), ("family", "dinov2"))
+
 # openai/clip-vit-*: CLIPImageProcessor, shortest edge 224 bicubic, centre crop 224, CLIP mean/std.
 _CLIP = PreprocessConfig(
     image_size=224,
@@ -86,7 +99,9 @@ _CLIP = PreprocessConfig(
     mean=(0.48145466, 0.4578275, 0.40821073),
     std=(0.26862954, 0.26130258, 0.27577711),
 )
-_CLIP_ARCH = (("patch_bias", False), ("pre_norm", True), ("final_norm", "pooled"), ("act", "quick_gelu"))
+_CLIP_ARCH = (
+    ("patch_bias", False), ("pre_norm", True), ("final_norm", "pooled"), ("act", "quick_gelu"), ("family", "clip"),
+)
 
 CATALOG: dict[str, ModelSpec] = {
     spec.name: spec
@@ -112,7 +127,7 @@ CATALOG: dict[str, ModelSpec] = {
                 variant,
                 preprocess=_DEIT,
                 family="deit",
-                arch=(("dist_token", True),),
+                arch=(("dist_token", True), ("family", "deit")),
                 description=f"DeiT-{variant[:-3]} distilled: class + distillation token (Touvron et al. 2020)",
             )
             for size, variant in (("tiny", "Ti/16"), ("small", "S/16"), ("base", "B/16"))
@@ -124,6 +139,7 @@ CATALOG: dict[str, ModelSpec] = {
                 variant,
                 preprocess=_DEIT,
                 family="deit",
+                arch=(("family", "deit"),),
                 description=f"DeiT-{variant[:-3]}, ImageNet-1k (Touvron et al. 2020)",
             )
             for size, variant in (("tiny", "Ti/16"), ("small", "S/16"), ("base", "B/16"))
@@ -139,6 +155,20 @@ CATALOG: dict[str, ModelSpec] = {
                 description=f"DINO ViT-{variant}, self-supervised on ImageNet-1k (Caron et al. 2021)",
             )
             for size, variant in (("s16", "S/16"), ("b16", "B/16"))
+        ),
+        *(
+            ModelSpec(
+                f"dinov2{'-with-registers' if regs else ''}-{size}",
+                f"facebook/dinov2{'-with-registers' if regs else ''}-{size}",
+                variant,
+                layer_norm_eps=1e-6,
+                preprocess=_DINOV2,
+                family="dinov2",
+                arch=_DINOV2_ARCH + ((("reg_tokens", 4), ("pos_embed_antialias", True)) if regs else ()),
+                description=f"DINOv2 ViT-{variant}{' with 4 registers' if regs else ''} (Oquab et al. 2023)",
+            )
+            for regs in (False, True)
+            for size, variant in (("small", "S/14"), ("base", "B/14"), ("large", "L/14"))
         ),
         *(
             ModelSpec(
@@ -169,3 +199,7 @@ def get_model_spec(name: str) -> ModelSpec:
         if spec.repo == name:
             return spec
     raise UsageError(f"unknown model {name!r}; known models: {', '.join(CATALOG)}")
+
+
+# Preprocessing of a checkpoint directory without preprocessor_config.json, by its config's family.
+FAMILY_PREPROCESS: dict[str, PreprocessConfig] = {"deit": _DEIT, "clip": _CLIP, "dinov2": _DINOV2}

@@ -59,6 +59,13 @@ class ViTConfig:
             ``last`` is its output (ViT, DeiT); ``pooled``: it applies only to the
             pooled class token and ``last`` is the last block's output (CLIP's
             ``post_layernorm``, Radford et al. 2021).
+        layer_scale: each block scales its attention and MLP outputs by learned
+            per-channel factors (``ls1``, ``ls2``; DINOv2, Oquab et al. 2023).
+        reg_tokens: register tokens inserted after the class token, after the
+            position embedding is added (Darcet et al. 2023).
+        pos_embed_antialias: antialias when resampling the position embedding
+            (timm and DINOv2 with registers: True; DINOv2's reference interpolates without).
+        family: ``vit``, ``deit``, ``clip`` or ``dinov2``: whose reference this follows.
     """
 
     hidden_size: int = 768
@@ -75,12 +82,18 @@ class ViTConfig:
     patch_bias: bool = True
     pre_norm: bool = False
     final_norm: str = "tokens"
+    layer_scale: bool = False
+    reg_tokens: int = 0
+    pos_embed_antialias: bool = True
+    family: str = "vit"
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "depth", "num_heads", "mlp_dim", "patch_size", "image_size", "num_channels"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UsageError(f"{name} must be a positive integer (got {value!r})")
+        if not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
+            raise UsageError(f"reg_tokens must be a non-negative integer (got {self.reg_tokens!r})")
         if not isinstance(self.layer_norm_eps, float) or not 0 < self.layer_norm_eps < 1:
             raise UsageError(f"layer_norm_eps must be a number in (0, 1) (got {self.layer_norm_eps!r})")
         if self.hidden_size % self.num_heads:
@@ -104,7 +117,12 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        """Tokens before the patch tokens: the class token, then DeiT's distillation token if any."""
+        """Tokens before the patch tokens: the class token, DeiT's distillation token, registers."""
+        return self.num_embedded_prefix_tokens + self.reg_tokens
+
+    @property
+    def num_embedded_prefix_tokens(self) -> int:
+        """Prefix tokens that the position embedding covers: the class and distillation tokens."""
         return 1 + int(self.dist_token)
 
     @property
@@ -143,11 +161,15 @@ class ViTConfig:
         model_type = hf.get("model_type", "vit")
         if model_type == "clip" and isinstance(hf.get("vision_config"), dict):  # a whole CLIPModel: its image tower
             hf, model_type = {**hf["vision_config"], "model_type": "clip_vision_model"}, "clip_vision_model"
-        if model_type not in ("vit", "deit", "clip_vision_model"):
-            raise CheckpointError(
-                f"{source}: model_type {model_type!r} is not supported (expected 'vit', 'deit' or 'clip_vision_model')"
-            )
+        known = ("vit", "deit", "clip_vision_model", "dinov2", "dinov2_with_registers")
+        if model_type not in known:
+            raise CheckpointError(f"{source}: model_type {model_type!r} is not supported (expected one of {', '.join(known)})")
         clip = model_type == "clip_vision_model"
+        dinov2 = model_type.startswith("dinov2")
+        if dinov2:
+            if hf.get("use_swiglu_ffn"):
+                raise CheckpointError(f"{source}: DINOv2 with a SwiGLU MLP (ViT-g) is not supported yet")
+            hf = {**hf, "intermediate_size": int(hf.get("hidden_size", 768) * hf.get("mlp_ratio", 4))}
         act = hf.get("hidden_act", "gelu")
         if not isinstance(act, str) or act not in _HF_ACT:
             raise CheckpointError(f"{source}: hidden_act {act!r} is not supported")
@@ -180,6 +202,11 @@ class ViTConfig:
                 patch_bias=not clip,
                 pre_norm=clip,
                 final_norm="pooled" if clip else "tokens",
+                layer_scale=dinov2,
+                reg_tokens=_int(hf.get("num_register_tokens") or 0, "num_register_tokens"),
+                # transformers' Dinov2Model interpolates without antialiasing, Dinov2WithRegistersModel with it.
+                pos_embed_antialias=model_type != "dinov2",
+                family="clip" if clip else "dinov2" if dinov2 else model_type,
             )
         except KeyError as e:
             raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None

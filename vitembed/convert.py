@@ -18,7 +18,7 @@ from typing import Any
 from .errors import CheckpointError
 
 # Wrappers added by DataParallel/DDP, torch.compile, ViTFor*/Lightning modules.
-PREFIXES = ("module.", "_orig_mod.", "vit.", "deit.", "vision_model.", "model.")
+PREFIXES = ("module.", "_orig_mod.", "vit.", "deit.", "dinov2.", "vision_model.", "model.")
 
 # (regex, replacement) applied in order; the first full match wins.
 RENAMES: dict[str, list[tuple[str, str]]] = {
@@ -26,6 +26,13 @@ RENAMES: dict[str, list[tuple[str, str]]] = {
     "transformers": [
         (r"embeddings\.cls_token", r"cls_token"),
         (r"embeddings\.distillation_token", r"dist_token"),  # DeiTModel
+        (r"embeddings\.register_tokens", r"reg_token"),  # Dinov2WithRegistersModel
+        (r"encoder\.layer\.(\d+)\.norm1\.(weight|bias)", r"blocks.\1.norm1.\2"),  # Dinov2Model
+        (r"encoder\.layer\.(\d+)\.norm2\.(weight|bias)", r"blocks.\1.norm2.\2"),
+        (r"encoder\.layer\.(\d+)\.mlp\.fc1\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+        (r"encoder\.layer\.(\d+)\.mlp\.fc2\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+        (r"encoder\.layer\.(\d+)\.layer_scale1\.lambda1", r"blocks.\1.ls1.gamma"),
+        (r"encoder\.layer\.(\d+)\.layer_scale2\.lambda1", r"blocks.\1.ls2.gamma"),
         (r"embeddings\.position_embeddings", r"pos_embed"),
         (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
         (r"encoder\.layer\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
@@ -75,7 +82,13 @@ RENAMES: dict[str, list[tuple[str, str]]] = {
 
 # Keys present in the sources that vitembed does not use; dropped, per format.
 UNUSED: dict[str, list[str]] = {
-    "transformers": [r"pooler\..*", r"classifier\..*", r"distillation_classifier\..*", r"cls_classifier\..*", r"embeddings\.mask_token"],
+    "transformers": [
+        r"pooler\..*",
+        r"classifier\..*",
+        r"distillation_classifier\..*",
+        r"cls_classifier\..*",
+        r"embeddings\.mask_token",
+    ],
     "transformers-v5": [r"pooler\..*", r"classifier\..*", r"embeddings\.mask_token"],
     "transformers-clip": [
         r"embeddings\.position_ids",
@@ -84,7 +97,7 @@ UNUSED: dict[str, list[str]] = {
         r"text_projection\..*",
         r"logit_scale",
     ],
-    "timm": [r"head\..*", r"head_dist\..*", r"head_drop\..*"],
+    "timm": [r"head\..*", r"head_dist\..*", r"head_drop\..*", r"mask_token"],
 }
 
 # One key that only that format has.

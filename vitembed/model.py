@@ -78,19 +78,33 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class LayerScale(nn.Module):
+    """Per-channel learned scale ``gamma`` (CaiT, Touvron et al. 2021; used by DINOv2)."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(cfg.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)) (Eq. 2-3)."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)) (Eq. 2-3),
+    each branch scaled by a LayerScale when ``cfg.layer_scale``."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.attn = Attention(cfg)
+        self.ls1 = LayerScale(cfg) if cfg.layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(cfg)
+        self.ls2 = LayerScale(cfg) if cfg.layer_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class VisionTransformer(nn.Module):
@@ -108,7 +122,8 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size)) if cfg.dist_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.hidden_size))
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, cfg.hidden_size)) if cfg.reg_tokens else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_embedded_prefix_tokens + cfg.num_patches, cfg.hidden_size))
         self.norm_pre = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_norm else None
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -132,8 +147,9 @@ class VisionTransformer(nn.Module):
                     module.weight.fill_(1.0)
                     module.bias.zero_()
             nn.init.trunc_normal_(self.cls_token, std=std, generator=g)
-            if self.dist_token is not None:
-                nn.init.trunc_normal_(self.dist_token, std=std, generator=g)
+            for token in (self.dist_token, self.reg_token):
+                if token is not None:
+                    nn.init.trunc_normal_(token, std=std, generator=g)
             nn.init.trunc_normal_(self.pos_embed, std=std, generator=g)
         return self
 
@@ -147,6 +163,8 @@ class VisionTransformer(nn.Module):
         prefix = [self.cls_token] if self.dist_token is None else [self.cls_token, self.dist_token]
         x = torch.cat([p.expand(B, -1, -1) for p in prefix] + [x], dim=1)  # (B, prefix + N, D)
         x = x + self.pos_embed
+        if self.reg_token is not None:  # registers follow the class token, without a position embedding
+            x = torch.cat([x[:, :1], self.reg_token.expand(B, -1, -1), x[:, 1:]], dim=1)
         return x if self.norm_pre is None else self.norm_pre(x)
 
     def forward(self, pixel_values: torch.Tensor, layers: Iterable[str] = ("last",)) -> dict[str, torch.Tensor]:

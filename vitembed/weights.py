@@ -19,7 +19,7 @@ from typing import Any
 
 from .catalog import ModelSpec
 from .config import PreprocessConfig, ViTConfig
-from .errors import CheckpointError, WeightsNotFoundError
+from .errors import CheckpointError, UsageError, WeightsNotFoundError
 
 RANDOM = "random"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -94,17 +94,7 @@ def _from_path(path: Path, spec: ModelSpec, how: str) -> ResolvedWeights:
         if file is None:
             raise WeightsNotFoundError(f"{how}: {path} has neither {' nor '.join(WEIGHT_FILES)}")
         config = ViTConfig.from_transformers(_read_json(config_file), str(config_file))
-        pre_file = path / "preprocessor_config.json"
-        if pre_file.is_file():
-            preprocess = PreprocessConfig.from_transformers(_read_json(pre_file), str(pre_file))
-            if preprocess.image_size != config.image_size:
-                raise CheckpointError(
-                    f"{pre_file}: size {preprocess.image_size} does not match image_size {config.image_size} "
-                    f"of {config_file}"
-                )
-        else:
-            preprocess = spec.preprocess.at_image_size(config.image_size)
-        return ResolvedWeights(str(path), config, preprocess, file, sha256_file(file))
+        return _for_checkpoint(str(path), config, path / "preprocessor_config.json", spec, file)
     if path.is_file():
         if path.suffix not in CHECKPOINT_SUFFIXES:
             raise WeightsNotFoundError(
@@ -115,6 +105,37 @@ def _from_path(path: Path, spec: ModelSpec, how: str) -> ResolvedWeights:
     if path.exists():
         raise WeightsNotFoundError(f"{how}: {path} is neither a folder nor a regular file")
     raise WeightsNotFoundError(f"{how}: {path} does not exist")
+
+
+def _for_checkpoint(
+    source: str, config: ViTConfig, pre_file: Path | None, spec: ModelSpec, file: Path
+) -> ResolvedWeights:
+    """Weights of a checkpoint with its own config, and the preprocessing that goes with it.
+
+    The preprocessing comes from the checkpoint's ``preprocessor_config.json``;
+    else from ``spec`` when it is of the checkpoint's family; else from the
+    family's default. If it feeds another input size than the config's (DINOv2
+    checkpoints are made at 518 and evaluated at 224), the position embedding
+    is resampled.
+
+    Raises:
+        CheckpointError: a preprocessing size the architecture cannot take.
+    """
+    from .catalog import FAMILY_PREPROCESS
+
+    if pre_file is not None and pre_file.is_file():
+        preprocess = PreprocessConfig.from_transformers(_read_json(pre_file), str(pre_file))
+    elif spec.family == config.family or config.family not in FAMILY_PREPROCESS:
+        preprocess = spec.preprocess if config.family == "dinov2" else spec.preprocess.at_image_size(config.image_size)
+    else:
+        preprocess = FAMILY_PREPROCESS[config.family]
+        if config.family != "dinov2":
+            preprocess = preprocess.at_image_size(config.image_size)
+    weights = ResolvedWeights(source, config, preprocess, file, sha256_file(file))
+    try:
+        return weights.at_image_size(preprocess.image_size)
+    except UsageError as e:
+        raise CheckpointError(f"{pre_file or source}: {e}") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -151,8 +172,7 @@ def _from_hub(spec: ModelSpec, progress: bool) -> tuple[ResolvedWeights | None, 
                 reasons.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0]}")
                 continue
             config = ViTConfig.from_transformers(_read_json(config_file), str(config_file))
-            preprocess = spec.preprocess.at_image_size(config.image_size)
-            return ResolvedWeights(f"hf://{spec.repo}", config, preprocess, file, sha256_file(file)), ""
+            return _for_checkpoint(f"hf://{spec.repo}", config, None, spec, file), ""
     return None, "; ".join(reasons)
 
 
@@ -269,6 +289,8 @@ def build_model(weights: ResolvedWeights):
         state_dict = convert_state_dict(read_state_dict(weights.file), str(weights.file))
         if weights.trained_image_size and "pos_embed" in state_dict:
             grid = (cfg.grid_size, cfg.grid_size)
-            state_dict["pos_embed"] = resample_pos_embed(state_dict["pos_embed"], grid, cfg.num_prefix_tokens)
+            state_dict["pos_embed"] = resample_pos_embed(
+                state_dict["pos_embed"], grid, cfg.num_embedded_prefix_tokens, antialias=cfg.pos_embed_antialias
+            )
         load_converted(model, state_dict, str(weights.file))
     return model.eval()
