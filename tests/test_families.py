@@ -225,3 +225,51 @@ def test_dinov2_directory_without_preprocessor_config_runs_at_224(tmp_path):
     assert weights.preprocess.image_size == 224 and weights.preprocess.resize == "shortest"
     assert weights.config.image_size == 224 and weights.trained_image_size == 518
     assert weights.config.num_tokens == 1 + 16 * 16
+
+
+def _timm_roundtrip(ours, x):
+    """The same model saved in timm's layout (vitembed's names are timm's), read back as a timm checkpoint."""
+    from vitembed.convert import convert_state_dict, detect_format, load_converted
+    from vitembed.model import VisionTransformer
+
+    timm_sd = {f"module.{k}": v.clone() for k, v in ours.state_dict().items()}
+    timm_sd["module.head.weight"] = torch.zeros(10, ours.cfg.hidden_size)
+    assert detect_format({k[7:]: v for k, v in timm_sd.items()}) == "timm"
+    again = VisionTransformer(ours.cfg)
+    load_converted(again, convert_state_dict(timm_sd))
+    with torch.no_grad():
+        return again.eval()(x)["last"]
+
+
+def test_timm_layouts_give_the_same_outputs_for_every_family(tmp_path):
+    x = torch.randn(1, 3, 32, 32)
+    cases = {
+        "deit": (_deit(tmp_path / "deit"), "vit-base-patch16-224"),
+        "clip": (_clip(tmp_path / "clip"), "clip-vit-base-patch16"),
+        "dinov2": (_dinov2(tmp_path / "d2"), "dinov2-small"),
+        "dinov2-reg": (_dinov2(tmp_path / "d2r", 4), "dinov2-small"),
+    }
+    for family, (ckpt, name) in cases.items():
+        ours = build_model(resolve_weights(get_model_spec(name), ckpt).at_image_size(32))
+        with torch.no_grad():
+            want = ours(x)["last"]
+        assert torch.equal(_timm_roundtrip(ours, x), want), family
+
+
+def test_timm_no_embed_class_position_embedding(tmp_path):
+    """timm's DINOv2-with-registers keeps patch positions only, the class position folded into cls_token."""
+    from vitembed.convert import convert_state_dict, load_converted
+    from vitembed.model import VisionTransformer
+
+    ours = build_model(resolve_weights(get_model_spec("dinov2-small"), _dinov2(tmp_path / "d2r", 4)).at_image_size(56))
+    sd = {k: v.clone() for k, v in ours.state_dict().items()}
+    sd["cls_token"] = sd["cls_token"] + sd["pos_embed"][:, :1]
+    sd["pos_embed"] = sd["pos_embed"][:, 1:]  # (1, 49, D): patches only
+    from vitembed.convert import embed_class_positions
+
+    assert sd["pos_embed"].shape[1] == 49
+    again = VisionTransformer(ours.cfg)
+    load_converted(again, embed_class_positions(convert_state_dict(sd), ours.cfg.num_embedded_prefix_tokens))
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        assert (again.eval()(x)["last"] - ours(x)["last"]).abs().max() < 1e-5

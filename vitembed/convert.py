@@ -260,3 +260,28 @@ def resample_pos_embed(
     image = F.interpolate(image, size=tuple(new_grid), mode=interpolation, antialias=antialias, align_corners=False)
     grid = image.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)  # (1, H * W, D)
     return torch.cat([prefix, grid], dim=1)
+
+
+def embed_class_positions(state_dict: dict[str, Any], num_prefix_tokens: int) -> dict[str, Any]:
+    """Give a ``no_embed_class`` position embedding zero rows for its prefix tokens.
+
+    timm's ``no_embed_class`` models (e.g. its DINOv2-with-registers) keep position
+    embeddings for the patches only, the class token's folded into ``cls_token``;
+    adding zeros for the prefix tokens is then exactly the same model in
+    vitembed's layout, where ``pos_embed`` covers class (and distillation) token
+    and patches. A position embedding whose patch count is not a square after
+    removing the prefix rows, but is one without, is taken to be of that kind.
+    """
+    import torch
+
+    pos = state_dict.get("pos_embed")
+    if pos is None or pos.dim() != 3:
+        return state_dict
+    n = pos.shape[1]
+    with_prefix = n - num_prefix_tokens
+    if with_prefix > 0 and math.isqrt(with_prefix) ** 2 == with_prefix:
+        return state_dict
+    if math.isqrt(n) ** 2 != n:
+        return state_dict
+    zeros = torch.zeros(1, num_prefix_tokens, pos.shape[2], dtype=pos.dtype)
+    return {**state_dict, "pos_embed": torch.cat([zeros, pos], dim=1)}

@@ -277,7 +277,7 @@ def build_model(weights: ResolvedWeights):
     Raises:
         CheckpointError: keys or shapes that do not fit (first mismatching key named).
     """
-    from .convert import convert_state_dict, load_converted, resample_pos_embed
+    from .convert import convert_state_dict, embed_class_positions, load_converted, resample_pos_embed
     from .model import VisionTransformer
 
     cfg = weights.config
@@ -287,6 +287,7 @@ def build_model(weights: ResolvedWeights):
     else:
         assert weights.file is not None
         state_dict = convert_state_dict(read_state_dict(weights.file), str(weights.file))
+        state_dict = embed_class_positions(state_dict, cfg.num_embedded_prefix_tokens)
         if weights.trained_image_size and "pos_embed" in state_dict:
             grid = (cfg.grid_size, cfg.grid_size)
             state_dict["pos_embed"] = resample_pos_embed(
