@@ -163,3 +163,23 @@ def test_crop_preprocessing_matches_each_family_processor(tmp_path, family, size
     got = normalize(torch.from_numpy(load_pixels(path, cfg))[None], normalize_table(cfg))
     assert got.shape == want.shape == (1, 3, 224, 224)
     assert torch.equal(got, want)
+
+
+def test_crop_pct_and_timm_crop_rounding():
+    cfg = PreprocessConfig(resize="shortest", crop=True, interpolation="bicubic").override(crop_pct=0.9)
+    assert (cfg.resize_to, cfg.crop, cfg.crop_rounding) == (248, True, "round")  # floor(224 / 0.9) = 248
+    columns = np.tile(np.arange(251, dtype=np.uint8), (248, 1))
+    image = Image.fromarray(np.stack([columns] * 3, -1), "RGB")  # 251 x 248: no resize, 27 columns to drop
+    from vitembed.preprocess import resize
+
+    assert resize(image, cfg)[0, 0, 0] == 14  # torchvision: round(13.5) = 14
+    assert resize(image, cfg.replace(crop_rounding="floor"))[0, 0, 0] == 13  # transformers: 27 // 2 = 13
+
+
+def test_override_errors():
+    from vitembed.errors import UsageError
+
+    with pytest.raises(UsageError, match="cannot give a 224x224 input"):
+        PreprocessConfig().override(resize="shortest")
+    with pytest.raises(UsageError, match="--crop-pct 1.5"):
+        PreprocessConfig().override(crop_pct=1.5)

@@ -80,3 +80,16 @@ def test_other_image_size_resamples_the_checkpoint_position_embedding(tmp_path, 
     assert meta["image_size"] == "48" and meta["grid"] == "6x6" and meta["pos_embed_resampled_from"] == "4x4"
     bad = run_cli("encode", str(tmp_path / "p.png"), "--out", str(tmp_path / "o2"), "--weights", str(small_ckpt), "--image-size", "50")
     assert bad.returncode == 2 and "multiple of the patch size 8" in bad.stderr.decode()
+
+
+def test_preprocessing_overrides_are_used_and_recorded(tmp_path, small_ckpt):
+    photo(60, 40).save(tmp_path / "p.png")
+    r = run_cli("encode", str(tmp_path / "p.png"), "--out", str(tmp_path / "o"), "--weights", str(small_ckpt),
+                "--crop-pct", "0.8", "--interpolation", "bicubic", "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225")
+    assert r.returncode == 0, r.stderr.decode()
+    _, meta = _load(tmp_path / "o" / "p.png.safetensors")
+    assert meta["preprocess_overrides"] == "crop_pct,interpolation,mean,std"
+    assert (meta["resize_size"], meta["crop"], meta["crop_rounding"], meta["interpolation"]) == ("40", "true", "round", "bicubic")
+    assert meta["mean"] == "0.485,0.456,0.406" and meta["std"] == "0.229,0.224,0.225"
+    bad = run_cli("encode", str(tmp_path / "p.png"), "--out", str(tmp_path / "o2"), "--weights", str(small_ckpt), "--mean", "0.5,0.5")
+    assert bad.returncode == 2 and "--mean '0.5,0.5': expected three numbers" in bad.stderr.decode()

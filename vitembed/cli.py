@@ -100,6 +100,17 @@ def encode(
         Optional[int],
         typer.Option(help="Input size in pixels; the position embedding is resampled [default: the checkpoint's].", show_default=False),
     ] = None,
+    resize: Annotated[
+        Optional[str], typer.Option(help="Override the model's resize: squash | shortest.", show_default=False)
+    ] = None,
+    interpolation: Annotated[
+        Optional[str], typer.Option(help="Override the resampling filter: bilinear, bicubic, ...", show_default=False)
+    ] = None,
+    crop_pct: Annotated[
+        Optional[float], typer.Option(help="timm's crop_pct: resize to size/crop_pct, then centre-crop.", show_default=False)
+    ] = None,
+    mean: Annotated[Optional[str], typer.Option(help="Override the normalisation mean: R,G,B.", show_default=False)] = None,
+    std: Annotated[Optional[str], typer.Option(help="Override the normalisation std: R,G,B.", show_default=False)] = None,
     fmt: Annotated[Format, typer.Option("--format", help="Output file format.")] = Format.safetensors,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 32,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")] = "auto",
@@ -190,6 +201,13 @@ def encode(
             save_dtype=save_dtype.value,
             pool=pool.value,
             image_size=image_size,
+            preprocess=dict(
+                resize=resize,
+                interpolation=interpolation,
+                crop_pct=crop_pct,
+                mean=_triple(mean, "--mean"),
+                std=_triple(std, "--std"),
+            ),
             progress=not quiet and err.is_terminal,
         )
         start_panel(err, encoder, workers or pipeline.usable_cores(), out)
@@ -263,6 +281,20 @@ def _decode_options(background: str, max_pixels: int | None, allow_truncated: bo
         # vitembed applies the limit itself; lift Pillow's own (2x) refusal so that a higher limit works.
         Image.MAX_IMAGE_PIXELS = max(max_pixels, Image.MAX_IMAGE_PIXELS or 0)
     return DecodeOptions(max_pixels=max_pixels, background=rgb, allow_truncated=allow_truncated)  # type: ignore[arg-type]
+
+
+def _triple(text: str | None, option: str) -> tuple[float, float, float] | None:
+    from .errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise UsageError(f"{option} {text!r}: expected three numbers R,G,B, e.g. 0.485,0.456,0.406")
+    return values  # type: ignore[return-value]
 
 
 def _parse_shard(text: str) -> tuple[int, int]:

@@ -8,6 +8,7 @@ big_vision ("B/16": width B, patch 16). This module does not import torch.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -255,8 +256,10 @@ class PreprocessConfig:
             resize_size, the longer side to ``int(resize_size * long / short)``
             (transformers' ``shortest_edge``).
         resize_size: target of the resize in pixels (None: ``image_size``).
-        crop: centre-crop the resized image to image_size x image_size, the
-            offsets rounded down as transformers' ``center_crop`` does.
+        crop: centre-crop the resized image to image_size x image_size.
+        crop_rounding: how the crop offsets are rounded: ``floor`` as
+            transformers' ``center_crop``, ``round`` (half to even) as
+            torchvision's ``CenterCrop``, which timm's transforms use.
         interpolation: Pillow resampling filter name (``bilinear``, ``bicubic``, ...).
         mean, std: per-channel (R, G, B) normalisation of values rescaled to [0, 1].
     """
@@ -268,11 +271,51 @@ class PreprocessConfig:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     resize_size: int | None = None
     crop: bool = False
+    crop_rounding: str = "floor"
 
     @property
     def resize_to(self) -> int:
         """The resize target in pixels: ``resize_size``, or ``image_size`` when unset."""
         return self.resize_size or self.image_size
+
+    def override(
+        self,
+        resize: str | None = None,
+        interpolation: str | None = None,
+        crop_pct: float | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+    ) -> "PreprocessConfig":
+        """This preprocessing with the user's overrides (``--resize`` etc.); None keeps a field.
+
+        ``crop_pct`` also switches to timm's crop rounding (torchvision's).
+
+        Raises:
+            UsageError: a combination that cannot give a square input, or bad values.
+        """
+        changes: dict[str, Any] = {}
+        if resize is not None:
+            changes["resize"] = resize
+        if interpolation is not None:
+            changes["interpolation"] = interpolation
+        if mean is not None:
+            changes["mean"] = tuple(mean)
+        if std is not None:
+            changes["std"] = tuple(std)
+        out = dataclasses.replace(self, **changes)
+        if crop_pct is not None:
+            out = dataclasses.replace(out.with_crop_pct(crop_pct), crop_rounding="round")
+        return out
+
+    def with_crop_pct(self, crop_pct: float) -> "PreprocessConfig":
+        """timm's ``crop_pct``: resize to ``floor(image_size / crop_pct)``, then centre-crop.
+
+        Raises:
+            UsageError: crop_pct outside (0, 1].
+        """
+        if not 0 < crop_pct <= 1:
+            raise UsageError(f"--crop-pct {crop_pct}: expected a number in (0, 1]")
+        return dataclasses.replace(self, resize_size=math.floor(self.image_size / crop_pct), crop=True)
 
     def at_image_size(self, image_size: int) -> "PreprocessConfig":
         """The same preprocessing for another input size (the resize target scaled alike, rounded down)."""
@@ -295,6 +338,8 @@ class PreprocessConfig:
                 f"resize {self.resize} to {self.resize_to} then {'crop' if self.crop else 'no crop'} "
                 f"cannot give a {self.image_size}x{self.image_size} input"
             )
+        if self.crop_rounding not in ("floor", "round"):
+            raise UsageError(f"crop_rounding must be 'floor' or 'round' (got {self.crop_rounding!r})")
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (*self.mean, *self.std))
         if len(self.mean) != 3 or len(self.std) != 3 or not numbers or any(s <= 0 for s in self.std):
             raise UsageError(f"mean and std need 3 numbers each, std > 0 (got mean={self.mean}, std={self.std})")

@@ -178,6 +178,7 @@ class Encoder:
             "resize": pre.resize,
             "resize_size": str(pre.resize_to),
             "crop": "true" if pre.crop else "false",
+            "crop_rounding": pre.crop_rounding,
             "interpolation": pre.interpolation,
             "mean": ",".join(repr(float(v)) for v in pre.mean),
             "std": ",".join(repr(float(v)) for v in pre.std),
@@ -186,6 +187,8 @@ class Encoder:
         }
         if w.random:
             meta["seed"] = str(w.seed)
+        if w.overrides:
+            meta["preprocess_overrides"] = ",".join(w.overrides)
         if w.trained_image_size:
             meta["pos_embed_resampled_from"] = f"{w.trained_image_size // cfg.patch_size}x{w.trained_image_size // cfg.patch_size}"
         return meta
@@ -453,18 +456,22 @@ def load_encoder(
     save_dtype: str = "float32",
     pool: str = "none",
     image_size: int | None = None,
+    preprocess: dict | None = None,
     progress: bool = True,
 ) -> Encoder:
     """Resolve weights for a catalog model and build its ``Encoder``.
 
     ``image_size`` other than the checkpoint's resamples its position embedding;
-    the other arguments are ``Encoder``'s and ``weights.resolve_weights``'.
+    ``preprocess`` holds overrides (``resize``, ``interpolation``, ``crop_pct``,
+    ``mean``, ``std``; see ``PreprocessConfig.override``), recorded in the
+    metadata. The other arguments are ``Encoder``'s and ``weights.resolve_weights``'.
 
     Raises:
         UsageError, WeightsNotFoundError, CheckpointError, DeviceError.
     """
     spec = get_model_spec(model)
     resolved = resolve_weights(spec, weights, seed=seed, progress=progress).at_image_size(image_size)
+    resolved = resolved.with_overrides(**(preprocess or {}))
     layer_index(layer, resolved.config.depth)
     resolve_device(device)
     return Encoder(

@@ -35,7 +35,7 @@ def resize(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     ratio not kept (transformers' ViTImageProcessor). ``shortest``: the shorter
     side resized to R, the longer to ``int(R * long / short)`` (transformers'
     ``shortest_edge``). Then, with ``cfg.crop``, the centre S x S, offsets
-    rounded down (transformers' ``center_crop``).
+    rounded as ``cfg.crop_rounding`` says (transformers: down; timm/torchvision: to nearest).
     """
     target = cfg.resize_to
     width, height = image.size
@@ -49,7 +49,10 @@ def resize(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
         image = image.resize(size, resample=_RESAMPLE[cfg.interpolation], reducing_gap=None)
     if cfg.crop:
         s = cfg.image_size
-        top, left = (size[1] - s) // 2, (size[0] - s) // 2
+        if cfg.crop_rounding == "round":  # torchvision CenterCrop: int(round((h - s) / 2.0))
+            top, left = int(round((size[1] - s) / 2.0)), int(round((size[0] - s) / 2.0))
+        else:  # transformers center_crop
+            top, left = (size[1] - s) // 2, (size[0] - s) // 2
         image = image.crop((left, top, left + s, top + s))
     return np.array(image, dtype=np.uint8)  # a writable copy, safe to hand to torch
 

@@ -52,6 +52,17 @@ class ResolvedWeights:
     random: bool = False
     seed: int | None = None
     trained_image_size: int | None = None
+    overrides: tuple[str, ...] = ()
+
+    def with_overrides(self, **overrides: Any) -> "ResolvedWeights":
+        """These weights with preprocessing overrides (``PreprocessConfig.override`` arguments; None = keep),
+        the overridden names kept in ``overrides`` for the metadata."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if not given:
+            return self
+        return dataclasses.replace(
+            self, preprocess=self.preprocess.override(**given), overrides=self.overrides + tuple(sorted(given))
+        )
 
     def at_image_size(self, image_size: int | None) -> "ResolvedWeights":
         """The same weights for inputs of ``image_size`` pixels (None: unchanged).
