@@ -39,7 +39,7 @@ def test_random_only_when_asked(tmp_path):
         resolve_weights(SPEC, environ={"VITEMBED_WEIGHTS": str(tmp_path / "random")}, cwd=tmp_path)
 
 
-def _hf_cache(hf_home, repo: str, ckpt) -> None:
+def _hf_cache(hf_home, repo: str, ckpt) -> None:  # noqa: D401
     """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<rev>/...}."""
     base = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
     rev = "0123456789abcdef0123456789abcdef01234567"
@@ -94,3 +94,35 @@ def test_atomic_write_leaves_old_file_whole_on_failure(tmp_path):
         atomic_write(target, Exploding())
     assert target.read_bytes() == b"complete old contents"
     assert sorted(p.name for p in target.parent.iterdir()) == ["a.safetensors"]
+
+
+def test_timm_repository_in_the_cache_uses_the_catalog_architecture(tmp_path):
+    """A timm hub repository holds timm-layout weights and a timm config: vitembed reads the weights only."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from vitembed.model import VisionTransformer
+
+    spec = get_model_spec("vit_tiny_patch16_224.augreg_in21k")
+    model = VisionTransformer(spec.config()).init_weights(seed=5).eval()
+    state = {**model.state_dict(), "head.weight": torch.zeros(21843, 192), "head.bias": torch.zeros(21843)}
+    ckpt = tmp_path / "timm-ckpt"
+    ckpt.mkdir()
+    save_file(state, ckpt / "model.safetensors")
+    (ckpt / "config.json").write_text('{"architecture": "vit_tiny_patch16_224", "num_classes": 21843}')
+    _hf_cache(tmp_path / "hf", spec.repo, ckpt)
+    photo(300, 200).save(tmp_path / "p.png")
+    r = run_cli("encode", "p.png", "--out", "o", "--model", spec.name,
+                env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "VITEMBED_WEIGHTS": ""}, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr.decode()
+    with safe_open(str(tmp_path / "o" / "p.png.safetensors"), "numpy") as f:
+        got, meta = f.get_tensor("embedding"), f.metadata()
+    assert meta["weights"] == f"hf://{spec.repo}" and meta["layer_norm_eps"] == "1e-06"
+    assert (meta["resize"], meta["resize_size"], meta["crop"], meta["crop_rounding"]) == ("shortest", "248", "true", "round")
+    from vitembed.preprocess import load_pixels, normalize, normalize_table
+
+    pixels = torch.from_numpy(load_pixels(tmp_path / "p.png", spec.preprocess))[None]
+    with torch.no_grad():
+        want = model(normalize(pixels, normalize_table(spec.preprocess)))["last"][0].numpy()
+    assert got.shape == (197, 192) and np.abs(got - want).max() < 1e-5

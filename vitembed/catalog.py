@@ -30,6 +30,8 @@ class ModelSpec:
         family: ``vit``, ``deit``, ``dino``, ``dinov2`` or ``clip``.
         arch: ``ViTConfig`` fields that differ from the plain ViT (DeiT's
             ``dist_token``; CLIP's ``pre_norm``, ``final_norm``, ``patch_bias``, ``act``).
+        source: ``transformers`` (the repository has a transformers config.json) or
+            ``timm`` (only its weights are read; the architecture is this entry's).
     """
 
     name: str
@@ -41,6 +43,7 @@ class ModelSpec:
     description: str = ""
     family: str = "vit"
     arch: tuple[tuple[str, object], ...] = ()
+    source: str = "transformers"
 
     def config(self) -> ViTConfig:
         """The architecture of this entry."""
@@ -51,6 +54,19 @@ class ModelSpec:
 
 # google/vit-*: transformers ViTImageProcessor, squash-resize 224 bilinear, mean = std = 0.5.
 _GOOGLE = PreprocessConfig(image_size=224, resize="squash", interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3)
+
+# timm's pretrained_cfg for the augreg ViTs: bicubic, crop_pct 0.9 (resize the shorter side to
+# floor(224 / 0.9) = 248, torchvision centre crop 224), mean = std = 0.5.
+_TIMM_AUGREG = PreprocessConfig(
+    image_size=224,
+    resize="shortest",
+    resize_size=248,
+    crop=True,
+    crop_rounding="round",
+    interpolation="bicubic",
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+)
 
 # facebook/deit-*: transformers DeiTImageProcessor, squash-resize to 256 bicubic, centre crop 224,
 # ImageNet mean/std (Touvron et al. 2020).
@@ -119,6 +135,33 @@ CATALOG: dict[str, ModelSpec] = {
             "B/16",
             preprocess=_GOOGLE,
             description="ViT-B/16 pre-trained on ImageNet-21k, fine-tuned on ImageNet-1k",
+        ),
+        ModelSpec(
+            "vit-large-patch16-224",
+            "google/vit-large-patch16-224",
+            "L/16",
+            preprocess=_GOOGLE,
+            description="ViT-L/16 pre-trained on ImageNet-21k, fine-tuned on ImageNet-1k",
+        ),
+        ModelSpec(
+            "vit-base-patch32-224-in21k",
+            "google/vit-base-patch32-224-in21k",
+            "B/32",
+            preprocess=_GOOGLE,
+            description="ViT-B/32 pre-trained on ImageNet-21k (50 tokens)",
+        ),
+        *(
+            ModelSpec(
+                f"vit_{size}_patch{patch}_224.augreg_in21k",
+                f"timm/vit_{size}_patch{patch}_224.augreg_in21k",
+                variant,
+                layer_norm_eps=1e-6,
+                preprocess=_TIMM_AUGREG,
+                source="timm",
+                description=f"timm ViT-{variant} augreg, ImageNet-21k (big_vision weights converted by timm)",
+            )
+            for size, patch, variant in (("tiny", 16, "Ti/16"), ("small", 16, "S/16"), ("base", 16, "B/16"),
+                                         ("base", 32, "B/32"), ("large", 16, "L/16"))
         ),
         *(
             ModelSpec(

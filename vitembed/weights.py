@@ -164,6 +164,18 @@ def _from_hub(spec: ModelSpec, progress: bool) -> tuple[ResolvedWeights | None, 
     if not progress:
         disable_progress_bars()
     reasons = []
+    if spec.source == "timm":  # timm repositories: the weights only, the architecture from the catalog
+        for local_only in (True, False):
+            if not local_only and constants.HF_HUB_OFFLINE:
+                reasons.append("download not tried: HF_HUB_OFFLINE is set")
+                break
+            try:
+                file = Path(hf_hub_download(spec.repo, "model.safetensors", local_files_only=local_only))
+            except Exception as e:
+                reasons.append(f"not in the cache ({constants.HF_HUB_CACHE})" if local_only else f"download failed: {e}")
+                continue
+            return ResolvedWeights(f"hf://{spec.repo}", spec.config(), spec.preprocess, file, sha256_file(file)), ""
+        return None, "; ".join(reasons)
     for local_only in (True, False):
         if not local_only and constants.HF_HUB_OFFLINE:
             reasons.append("download not tried: HF_HUB_OFFLINE is set")
