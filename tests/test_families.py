@@ -273,3 +273,25 @@ def test_timm_no_embed_class_position_embedding(tmp_path):
     x = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
         assert (again.eval()(x)["last"] - ours(x)["last"]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["vit", "deit", "clip", "dinov2", "dinov2-reg"])
+def test_pool_shapes_for_every_family(tmp_path, family, small_ckpt):
+    import numpy as np
+
+    from vitembed.pipeline import Encoder
+
+    ckpt = {
+        "vit": lambda: small_ckpt,
+        "deit": lambda: _deit(tmp_path / "m"),
+        "clip": lambda: _clip(tmp_path / "m"),
+        "dinov2": lambda: _dinov2(tmp_path / "m"),
+        "dinov2-reg": lambda: _dinov2(tmp_path / "m", 4),
+    }[family]()
+    weights = resolve_weights(get_model_spec("vit-base-patch16-224"), ckpt).at_image_size(32)
+    prefix = {"vit": 1, "deit": 2, "clip": 1, "dinov2": 1, "dinov2-reg": 5}[family]
+    assert weights.config.num_prefix_tokens == prefix
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    shapes = {pool: tuple(Encoder(weights, pool=pool, device="cpu")(pixels).shape) for pool in ("none", "cls", "mean", "patch")}
+    assert shapes == {"none": (2, prefix + 16, 48), "cls": (2, 48), "mean": (2, 48), "patch": (2, 16, 48)}
+    assert Encoder(weights, pool="patch", device="cpu").output_shape == (16, 48)

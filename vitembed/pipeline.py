@@ -159,6 +159,7 @@ class Encoder:
         meta = {
             "vitembed_version": __version__,
             "model": self.model_name,
+            "family": cfg.family,
             "weights": w.source,
             "weights_sha256": w.sha256,
             "random_weights": "true" if w.random else "false",
