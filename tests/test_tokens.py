@@ -93,3 +93,27 @@ def test_preprocessing_overrides_are_used_and_recorded(tmp_path, small_ckpt):
     assert meta["mean"] == "0.485,0.456,0.406" and meta["std"] == "0.229,0.224,0.225"
     bad = run_cli("encode", str(tmp_path / "p.png"), "--out", str(tmp_path / "o2"), "--weights", str(small_ckpt), "--mean", "0.5,0.5")
     assert bad.returncode == 2 and "--mean '0.5,0.5': expected three numbers" in bad.stderr.decode()
+
+
+def test_timm_crop_pct_follows_the_image_size():
+    from vitembed.catalog import get_model_spec
+
+    pre = get_model_spec("vit_tiny_patch16_224.augreg_in21k").preprocess
+    assert pre.resize_to == 248 and pre.at_image_size(384).resize_to == 426  # floor(384 / 0.9), as timm
+
+
+def test_back_at_the_checkpoint_size_nothing_is_resampled(small_ckpt):
+    from vitembed.catalog import get_model_spec
+    from vitembed.weights import resolve_weights
+
+    w = resolve_weights(get_model_spec("vit-base-patch16-224"), small_ckpt)
+    assert w.at_image_size(48).trained_image_size == 32
+    assert w.at_image_size(48).at_image_size(32).trained_image_size is None
+
+
+def test_a_checkpoint_with_its_own_architecture_is_named_as_such(tmp_path, small_ckpt):
+    photo(20, 20).save(tmp_path / "p.png")
+    r = run_cli("encode", str(tmp_path / "p.png"), "--out", str(tmp_path / "o"), "--weights", str(small_ckpt))
+    assert r.returncode == 0
+    _, meta = _load(tmp_path / "o" / "p.png.safetensors")
+    assert meta["model"] == f"checkpoint:{small_ckpt.name}" and meta["family"] == "vit"

@@ -63,6 +63,7 @@ _TIMM_AUGREG = PreprocessConfig(
     resize_size=248,
     crop=True,
     crop_rounding="round",
+    crop_pct=0.9,
     interpolation="bicubic",
     mean=(0.5, 0.5, 0.5),
     std=(0.5, 0.5, 0.5),

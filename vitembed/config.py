@@ -257,6 +257,9 @@ class PreprocessConfig:
             (transformers' ``shortest_edge``).
         resize_size: target of the resize in pixels (None: ``image_size``).
         crop: centre-crop the resized image to image_size x image_size.
+        crop_pct: timm's crop fraction, when the resize target was derived from
+            it (``resize_size = floor(image_size / crop_pct)``); kept so that
+            another input size derives its resize target the same way.
         crop_rounding: how the crop offsets are rounded: ``floor`` as
             transformers' ``center_crop``, ``round`` (half to even) as
             torchvision's ``CenterCrop``, which timm's transforms use.
@@ -272,6 +275,7 @@ class PreprocessConfig:
     resize_size: int | None = None
     crop: bool = False
     crop_rounding: str = "floor"
+    crop_pct: float | None = None
 
     @property
     def resize_to(self) -> int:
@@ -315,12 +319,18 @@ class PreprocessConfig:
         """
         if not 0 < crop_pct <= 1:
             raise UsageError(f"--crop-pct {crop_pct}: expected a number in (0, 1]")
-        return dataclasses.replace(self, resize_size=math.floor(self.image_size / crop_pct), crop=True)
+        return dataclasses.replace(
+            self, resize_size=math.floor(self.image_size / crop_pct), crop=True, crop_pct=crop_pct
+        )
 
     def at_image_size(self, image_size: int) -> "PreprocessConfig":
-        """The same preprocessing for another input size (the resize target scaled alike, rounded down)."""
+        """The same preprocessing for another input size: the resize target from ``crop_pct`` when
+        known (as timm does), else scaled alike and rounded down."""
         if image_size == self.image_size:
             return self
+        if self.crop_pct is not None:
+            resize_size = math.floor(image_size / self.crop_pct)
+            return dataclasses.replace(self, image_size=image_size, resize_size=resize_size)
         resize_size = None if self.resize_size is None else self.resize_size * image_size // self.image_size
         return dataclasses.replace(self, image_size=image_size, resize_size=resize_size)
 

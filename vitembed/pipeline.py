@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -180,6 +181,7 @@ class Encoder:
             "resize_size": str(pre.resize_to),
             "crop": "true" if pre.crop else "false",
             "crop_rounding": pre.crop_rounding,
+            **({"crop_pct": repr(pre.crop_pct)} if pre.crop_pct is not None else {}),
             "interpolation": pre.interpolation,
             "mean": ",".join(repr(float(v)) for v in pre.mean),
             "std": ",".join(repr(float(v)) for v in pre.std),
@@ -475,9 +477,13 @@ def load_encoder(
     resolved = resolved.with_overrides(**(preprocess or {}))
     layer_index(layer, resolved.config.depth)
     resolve_device(device)
-    return Encoder(
-        resolved, layer=layer, device=device, dtype=dtype, save_dtype=save_dtype, pool=pool, model_name=spec.name
+    # A checkpoint with an architecture of its own is not the catalog model: say where it came from.
+    ours, theirs = resolved.config, spec.config()
+    same = (ours.family, ours.hidden_size, ours.depth, ours.patch_size) == (
+        theirs.family, theirs.hidden_size, theirs.depth, theirs.patch_size
     )
+    name = spec.name if same else f"checkpoint:{Path(resolved.source).name}"
+    return Encoder(resolved, layer=layer, device=device, dtype=dtype, save_dtype=save_dtype, pool=pool, model_name=name)
 
 
 def encode(

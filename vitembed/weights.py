@@ -78,11 +78,12 @@ class ResolvedWeights:
             raise UsageError(
                 f"--image-size {image_size}: must be a positive multiple of the patch size {self.config.patch_size}"
             )
+        trained = None if self.random else self.trained_image_size or self.config.image_size
         return dataclasses.replace(
             self,
             config=self.config.replace(image_size=image_size),
             preprocess=self.preprocess.at_image_size(image_size),
-            trained_image_size=None if self.random else self.trained_image_size or self.config.image_size,
+            trained_image_size=None if trained == image_size else trained,  # back at its own size: no resampling
         )
 
 
