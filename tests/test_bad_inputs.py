@@ -94,7 +94,7 @@ def test_bad_config_json_is_a_checkpoint_error_naming_the_file(tmp_path, small_c
     "pre,message",
     [
         ([1], "expected a JSON object"),
-        ({"image_mean": "x"}, "mean and std need 3 numbers each"),
+        ({"image_mean": "x"}, "mean and std need 3 finite numbers each"),
         ({"resample": None}, "unknown resample None"),
         ({"size": {"height": 0, "width": 0}}, "image size must be a positive integer"),
         ({"size": {"height": 60, "width": 60}}, "--image-size 60: must be a positive multiple of the patch size 8"),
@@ -187,3 +187,28 @@ def test_huge_seed_is_a_usage_error(tmp_path):
     photo(20, 20).save(tmp_path / "p.png")
     r = run_cli("encode", str(tmp_path / "p.png"), "--out", str(tmp_path / "o"), "--weights", "random", "--seed", "99999999999999999999")
     assert r.returncode == 2 and "--seed" in r.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--mean", "nan,0,0"], "mean and std need 3 finite numbers"),
+        (["--std", "1e-45,1,1"], "mean and std need 3 finite numbers"),
+        (["--mean", "1e40,0,0"], "mean and std need 3 finite numbers"),
+        (["--image-size", "10000"], "at most 16384 are allowed"),
+    ],
+)
+def test_preprocessing_and_size_values_that_would_give_nan_or_exhaust_memory(tmp_path, small_ckpt, args, message):
+    photo(20, 20).save(tmp_path / "p.png")
+    r = run_cli("encode", str(tmp_path / "p.png"), "--out", str(tmp_path / "o"), "--weights", str(small_ckpt), *args)
+    assert r.returncode == 2 and message in r.stderr.decode(), r.stderr.decode()
+
+
+def test_huge_register_count_is_a_checkpoint_error(tmp_path, small_ckpt):
+    ckpt = tmp_path / "c"
+    shutil.copytree(small_ckpt, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "model_type": "dinov2_with_registers", "mlp_ratio": 2,
+                                                  "num_register_tokens": 1_000_000_000}))
+    with pytest.raises(CheckpointError, match="reg_tokens 1000000000 is more than vitembed allows"):
+        resolve_weights(SPEC, ckpt)

@@ -98,7 +98,7 @@ def encode(
     ] = Pool.none,
     image_size: Annotated[
         Optional[int],
-        typer.Option(help="Input size in pixels; the position embedding is resampled [default: the checkpoint's].", show_default=False),
+        typer.Option(help="Input size in pixels; the position embedding is resampled [default: the model's preprocessing size].", show_default=False),
     ] = None,
     resize: Annotated[
         Optional[str], typer.Option(help="Override the model's resize: squash | shortest.", show_default=False)

@@ -26,6 +26,11 @@ WIDTHS: dict[str, tuple[int, int, int, int]] = {
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 
+# Sanity limits, far above any published ViT (ViT-22B: width 6144, 48 blocks): a config beyond them
+# is a mistake, and would otherwise exhaust memory instead of failing with a message.
+LIMITS = {"hidden_size": 16384, "depth": 512, "num_heads": 512, "mlp_dim": 65536, "reg_tokens": 1024, "num_channels": 64}
+MAX_PATCHES = 16384  # e.g. 2048x2048 pixels at patch 16
+
 # transformers' hidden_act names -> ours.
 _HF_ACT = {
     "gelu": "gelu",
@@ -95,6 +100,14 @@ class ViTConfig:
                 raise UsageError(f"{name} must be a positive integer (got {value!r})")
         if not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
             raise UsageError(f"reg_tokens must be a non-negative integer (got {self.reg_tokens!r})")
+        for name, limit in LIMITS.items():
+            if getattr(self, name) > limit:
+                raise UsageError(f"{name} {getattr(self, name)} is more than vitembed allows ({limit})")
+        if self.image_size % self.patch_size == 0 and self.num_patches > MAX_PATCHES:
+            raise UsageError(
+                f"image size {self.image_size} with patch size {self.patch_size} gives {self.num_patches} patches; "
+                f"at most {MAX_PATCHES} are allowed"
+            )
         if not isinstance(self.layer_norm_eps, float) or not 0 < self.layer_norm_eps < 1:
             raise UsageError(f"layer_norm_eps must be a number in (0, 1) (got {self.layer_norm_eps!r})")
         if self.hidden_size % self.num_heads:
@@ -350,9 +363,20 @@ class PreprocessConfig:
             )
         if self.crop_rounding not in ("floor", "round"):
             raise UsageError(f"crop_rounding must be 'floor' or 'round' (got {self.crop_rounding!r})")
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (*self.mean, *self.std))
-        if len(self.mean) != 3 or len(self.std) != 3 or not numbers or any(s <= 0 for s in self.std):
-            raise UsageError(f"mean and std need 3 numbers each, std > 0 (got mean={self.mean}, std={self.std})")
+        numbers = all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (*self.mean, *self.std)
+        )
+        if (
+            len(self.mean) != 3
+            or len(self.std) != 3
+            or not numbers
+            or any(not 1e-6 <= s <= 1e6 for s in self.std)
+            or any(abs(m) > 1e6 for m in self.mean)
+        ):
+            raise UsageError(
+                f"mean and std need 3 finite numbers each, |mean| <= 1e6 and 1e-6 <= std <= 1e6 "
+                f"(got mean={self.mean}, std={self.std})"
+            )
 
     def replace(self, **changes: Any) -> "PreprocessConfig":
         return dataclasses.replace(self, **changes)
