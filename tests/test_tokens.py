@@ -116,4 +116,4 @@ def test_a_checkpoint_with_its_own_architecture_is_named_as_such(tmp_path, small
     r = run_cli("encode", str(tmp_path / "p.png"), "--out", str(tmp_path / "o"), "--weights", str(small_ckpt))
     assert r.returncode == 0
     _, meta = _load(tmp_path / "o" / "p.png.safetensors")
-    assert meta["model"] == f"checkpoint:{small_ckpt.name}" and meta["family"] == "vit"
+    assert meta["model"] == "checkpoint:vit" and meta["family"] == "vit"

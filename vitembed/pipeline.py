@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -482,7 +481,7 @@ def load_encoder(
     same = (ours.family, ours.hidden_size, ours.depth, ours.patch_size) == (
         theirs.family, theirs.hidden_size, theirs.depth, theirs.patch_size
     )
-    name = spec.name if same else f"checkpoint:{Path(resolved.source).name}"
+    name = spec.name if same else f"checkpoint:{ours.family}"  # not its path: resume must not depend on it
     return Encoder(resolved, layer=layer, device=device, dtype=dtype, save_dtype=save_dtype, pool=pool, model_name=name)
 
 
