@@ -95,15 +95,7 @@ _DINO = PreprocessConfig(
 
 # facebook/dinov2-*: BitImageProcessor, shorter side 256 bicubic, centre crop 224, ImageNet mean/std.
 # The checkpoints' position embedding is for 518x518 (37x37 patches); it is resampled to the 16x16 grid.
-_DINOV2 = PreprocessConfig(
-    image_size=224,
-    resize="shortest",
-    resize_size=256,
-    crop=True,
-    interpolation="bicubic",
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
-)
+_DINOV2 = _DINO  # the same evaluation preprocessing as DINO v1
 _DINOV2_ARCH = (("layer_scale", True), ("pos_embed_antialias", False), ("family", "dinov2"))
 
 # openai/clip-vit-*: CLIPImageProcessor, shortest edge 224 bicubic, centre crop 224, CLIP mean/std.
