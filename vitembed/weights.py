@@ -165,37 +165,31 @@ def _from_hub(spec: ModelSpec, progress: bool) -> tuple[ResolvedWeights | None, 
     if not progress:
         disable_progress_bars()
     reasons = []
-    if spec.source == "timm":  # timm repositories: the weights only, the architecture from the catalog
-        for local_only in (True, False):
-            if not local_only and constants.HF_HUB_OFFLINE:
-                reasons.append("download not tried: HF_HUB_OFFLINE is set")
-                break
-            try:
-                file = Path(hf_hub_download(spec.repo, "model.safetensors", local_files_only=local_only))
-            except Exception as e:
-                reasons.append(f"not in the cache ({constants.HF_HUB_CACHE})" if local_only else f"download failed: {e}")
-                continue
-            return ResolvedWeights(f"hf://{spec.repo}", spec.config(), spec.preprocess, file, sha256_file(file)), ""
-        return None, "; ".join(reasons)
+    # transformers repositories: config.json, then the weights; timm repositories: the weights only,
+    # the architecture from the catalog.
+    first = "model.safetensors" if spec.source == "timm" else "config.json"
     for local_only in (True, False):
         if not local_only and constants.HF_HUB_OFFLINE:
             reasons.append("download not tried: HF_HUB_OFFLINE is set")
             break
         try:
-            config_file = Path(hf_hub_download(spec.repo, "config.json", local_files_only=local_only))
+            first_file = Path(hf_hub_download(spec.repo, first, local_files_only=local_only))
         except Exception as e:  # huggingface_hub raises many kinds: offline, not cached, HTTP
             if local_only:
                 reasons.append(f"not in the cache ({constants.HF_HUB_CACHE})")
             else:
                 reasons.append(f"download failed: {type(e).__name__}: {str(e).splitlines()[0]}")
             continue
+        if spec.source == "timm":
+            source = f"hf://{spec.repo}"
+            return ResolvedWeights(source, spec.config(), spec.preprocess, first_file, sha256_file(first_file)), ""
         for name in WEIGHT_FILES:
             try:
                 file = Path(hf_hub_download(spec.repo, name, local_files_only=local_only))
             except Exception as e:
                 reasons.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0]}")
                 continue
-            config = ViTConfig.from_transformers(_read_json(config_file), str(config_file))
+            config = ViTConfig.from_transformers(_read_json(first_file), str(first_file))
             return _for_checkpoint(f"hf://{spec.repo}", config, None, spec, file), ""
     return None, "; ".join(reasons)
 
