@@ -46,6 +46,7 @@ class Pool(str, Enum):
 
 
 class DType(str, Enum):
+    auto = "auto"
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
@@ -114,10 +115,21 @@ def encode(
     fmt: Annotated[Format, typer.Option("--format", help="Output file format.")] = Format.safetensors,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 32,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")] = "auto",
-    dtype: Annotated[DType, typer.Option(help="Compute precision.")] = DType.float32,
-    save_dtype: Annotated[DType, typer.Option(help="Precision of the saved embeddings.")] = DType.float32,
+    dtype: Annotated[
+        DType, typer.Option(help="Compute precision; auto: bfloat16 on CUDA devices that support it, float32 elsewhere.")
+    ] = DType.auto,
+    save_dtype: Annotated[
+        DType, typer.Option(help="Precision of the saved embeddings (float16/bfloat16 halve the disk).")
+    ] = DType.float32,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="Run the model through torch.compile (falls back to eager with a warning).")
+    ] = False,
+    pack: Annotated[
+        Optional[int],
+        typer.Option(min=1, help="Write N embeddings per file (DIR/part-00000.safetensors) plus DIR/index.jsonl.", show_default=False),
+    ] = None,
     workers: Annotated[
-        Optional[int], typer.Option(min=1, help="Decode threads [default: usable cores].", show_default=False)
+        Optional[int], typer.Option(min=1, help="Decode + resize threads [default: usable cores].", show_default=False)
     ] = None,
     background: Annotated[
         str, typer.Option(help="R,G,B colour that transparent pixels are composited onto.")
@@ -147,7 +159,7 @@ def encode(
     ] = False,
 ) -> None:
     """Encode images into one embedding file per image under --out."""
-    from .errors import printable
+    from .errors import UsageError, printable
     from .inputs import plan_jobs, read_path_list
     from .writers import check_format, check_out_dir
 
@@ -164,7 +176,12 @@ def encode(
     if "-" in inputs:
         stdin_paths = read_path_list(sys.stdin.buffer, null_separated=null)
         inputs = [i for i in inputs if i != "-"]
+    warnings.showwarning = _show_warning
     try:
+        if save_dtype == DType.auto:
+            raise UsageError("--save-dtype auto: expected float32, bfloat16 or float16")
+        if pack is not None and fmt != Format.safetensors:
+            raise UsageError("--pack writes safetensors part files; it cannot be used with --format npy")
         check_format(fmt.value, save_dtype.value)
         decode = _decode_options(background, max_pixels, allow_truncated)
         plan = plan_jobs(inputs, out, fmt.value, stdin_paths)
@@ -209,8 +226,9 @@ def encode(
                 std=_triple(std, "--std"),
             ),
             progress=not quiet and err.is_terminal,
+            compile=compile,
         )
-        start_panel(err, encoder, workers or pipeline.usable_cores(), out)
+        start_panel(err, encoder, workers or pipeline.usable_cores(), out, pack)
         failed_lines = _stderr()
         with EncodeProgress(err, total=len(plan), enabled=not quiet) as progress:
 
@@ -223,6 +241,8 @@ def encode(
                     line = {"source": printable(result.source), "status": result.status, "output": None}
                     if result.output is not None:
                         line["output"] = printable(result.output)
+                    if result.row is not None:
+                        line["row"] = result.row
                     if result.error is not None:
                         line.update(error_kind=result.error.kind, error=result.error.reason)
                     if result.reason is not None:
@@ -241,6 +261,7 @@ def encode(
                 on_result=on_result,
                 overwrite=overwrite,
                 fail_fast=fail_fast,
+                pack=pack,
             )
     except VitembedError as e:
         raise _fail(str(e), e.exit_code) from None
@@ -263,6 +284,11 @@ def encode(
         raise typer.Exit(130)
     if summary.failed:
         raise typer.Exit(1)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (vitembed's own, torch's) as one ``warning:`` line on stderr, not a source excerpt."""
+    _stderr().print(f"warning: {message}", markup=False)
 
 
 def _decode_options(background: str, max_pixels: int | None, allow_truncated: bool):
@@ -363,6 +389,8 @@ def inspect(
             out.print("  metadata:", markup=False)
             width = max(map(len, info["metadata"]))
             for key, value in sorted(info["metadata"].items()):
+                if len(value) > 200:  # a pack's keys/sources lists: --json has them whole
+                    value = f"{value[:160]}... ({len(value)} characters; --json shows all)"
                 out.print(f"    {key:<{width}}  {value}", markup=False)
     if failed:
         raise typer.Exit(1)

@@ -45,6 +45,12 @@ class DeviceError(VitembedError):
     """An explicitly requested device (``cuda``, ``cuda:N``, ``mps``) is not available."""
 
 
+class VitembedWarning(UserWarning):
+    """Something the user asked for works, but not as well as they may expect
+    (bfloat16 on a CPU without bfloat16 instructions, ``--compile`` falling back to eager).
+    Issued with ``warnings.warn``; the CLI prints it as one ``warning:`` line on stderr."""
+
+
 class InputError(VitembedError):
     """One input file could not be turned into pixels.
 

@@ -101,12 +101,14 @@ class Plan:
         problems: inputs that cannot become jobs (missing path, unreadable
             folder, two sources mapped to one output), as ``InputError``.
         duplicates: (source, first source) for inputs naming a file already planned.
+        sharded: (K, N) when this is shard K of N (``shard``), else None.
     """
 
     out_dir: Path
     jobs: list[Job] = field(default_factory=list)
     problems: list[InputError] = field(default_factory=list)
     duplicates: list[tuple[str, str]] = field(default_factory=list)
+    sharded: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.jobs) + len(self.problems) + len(self.duplicates)
@@ -129,6 +131,7 @@ class Plan:
             [j for j in self.jobs if mine(j.relpath)],
             [p for p in self.problems if mine(p.path)],
             [d for d in self.duplicates if mine(d[0])],
+            (index, count),
         )
 
 

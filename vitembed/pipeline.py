@@ -14,11 +14,15 @@ callback, so that a CLI, a notebook or a batch system can show progress its own 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,10 +30,11 @@ import torch
 from . import __version__
 from .catalog import DEFAULT_MODEL, get_model_spec
 from .config import layer_index
-from .errors import DeviceError, InputError, UsageError, printable
+from .errors import DeviceError, InputError, UsageError, VitembedWarning, printable
 from .inputs import Job, Plan
 from .decode import DecodeOptions
-from .model import VisionTransformer
+from .model import VisionTransformer, pack_for_cpu
+from .packs import PackWriter, PartInfo, append_index, part_prefix, read_index, read_part, recover_parts, remove_dead_parts
 from .preprocess import load_pixels, normalize, normalize_table
 from .weights import ResolvedWeights, build_model, resolve_weights
 from .writers import (
@@ -87,18 +92,53 @@ def parse_dtype(name: str, option: str = "--dtype") -> torch.dtype:
     return DTYPES[name]
 
 
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """The compute dtype's name for ``--dtype name`` on ``device``.
+
+    ``auto``: bfloat16 on CUDA devices that support it, float32 elsewhere (on
+    the CPU, bfloat16 is only fast with AVX512-BF16 or AMX, and even then it
+    rounds: float32 is the exact default). Other names pass through.
+
+    Raises:
+        UsageError: not ``auto`` or a name in ``DTYPES``.
+    """
+    if name == "auto":
+        return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    parse_dtype(name)
+    return name
+
+
+def _cpu_has_fast(dtype: torch.dtype) -> bool:
+    """Whether this CPU has matrix instructions for ``dtype`` (float32 always)."""
+    if dtype == torch.float32:
+        return True
+    cpu = getattr(torch, "cpu", None)
+    if dtype == torch.bfloat16:
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    else:
+        checks = ("_is_amx_fp16_supported",)
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
 class Encoder:
     """A model on a device with its preprocessing: uint8 pixel batches -> embeddings.
+
+    On the CPU in float32 the block linears run through oneDNN with packed
+    weights (``model.pack_for_cpu``); on CUDA, batches are copied from pinned
+    host memory without blocking, and rescaled and normalised on the device.
 
     Args:
         weights: resolved weights (``weights.resolve_weights``).
         layer: ``last``, ``embeddings`` or a block number (see ``config.layer_index``).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
-        dtype: compute precision, ``float32`` | ``bfloat16`` | ``float16``.
+        dtype: compute precision, ``auto`` | ``float32`` | ``bfloat16`` | ``float16``
+            (``resolve_dtype``); the resolved name is recorded in the metadata.
         save_dtype: dtype of the returned embeddings (float32 by default).
         pool: ``none`` | ``cls`` | ``mean`` | ``patch`` (see ``VisionTransformer.pool``).
         model: an already built model for ``weights`` (default: ``build_model(weights)``).
         model_name: catalog name recorded in the metadata.
+        compile: run the model through ``torch.compile``; if compiling fails,
+            warn once (``VitembedWarning``) and run eager.
 
     Raises:
         UsageError, DeviceError, CheckpointError.
@@ -109,11 +149,12 @@ class Encoder:
         weights: ResolvedWeights,
         layer: str = "last",
         device: str = "auto",
-        dtype: str = "float32",
+        dtype: str = "auto",
         save_dtype: str = "float32",
         pool: str = "none",
         model: VisionTransformer | None = None,
         model_name: str = "",
+        compile: bool = False,
     ):
         layer_index(layer, weights.config.depth)  # validate early
         if pool not in POOLS:
@@ -123,12 +164,33 @@ class Encoder:
         self.model_name = model_name
         self.layer = layer
         self.device = resolve_device(device)
-        self.dtype_name, self.save_dtype_name = dtype, save_dtype
-        self.dtype = parse_dtype(dtype)
+        self.dtype_name, self.save_dtype_name = resolve_dtype(dtype, self.device), save_dtype
+        self.dtype = parse_dtype(self.dtype_name)
         self.save_dtype = parse_dtype(save_dtype, "--save-dtype")
+        if self.device.type == "cpu" and not _cpu_has_fast(self.dtype):
+            warnings.warn(
+                f"--dtype {self.dtype_name} on a CPU without {self.dtype_name} matrix instructions "
+                "(AVX512-BF16 or AMX): it runs several times slower than float32 here",
+                VitembedWarning,
+                stacklevel=2,
+            )
         model = model if model is not None else build_model(weights)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.packed = False
+        self._compiled = None
+        self._compiled_rows = 0
+        if compile:
+            # On the CPU, Inductor's freezing packs the weights for oneDNN, as pack_for_cpu does for eager.
+            options = {"freezing": True} if self.device.type == "cpu" else None
+            self._compiled = torch.compile(self.model, options=options)
+        else:
+            self.packed = pack_for_cpu(self.model)
         self.table = normalize_table(weights.preprocess).to(self.device)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the model runs through ``torch.compile`` (False again after a fallback to eager)."""
+        return self._compiled is not None
 
     @property
     def preprocess(self):
@@ -146,12 +208,35 @@ class Encoder:
 
     @torch.inference_mode()
     def __call__(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """(B, S, S, 3) uint8 RGB -> (B, T, D) CPU tensor in ``save_dtype``."""
-        batch = torch.as_tensor(pixels).to(self.device, non_blocking=True)
+        """(B, S, S, 3) uint8 RGB -> (B, T, D) CPU tensor in ``save_dtype`` ((B, D) when pooled)."""
+        batch = torch.as_tensor(pixels)
+        if self.device.type == "cuda":  # pinned (page-locked) memory lets the copy run asynchronously
+            batch = batch.pin_memory()
+        batch = batch.to(self.device, non_blocking=True)
         x = normalize(batch, self.table, self.dtype)  # (B, 3, S, S)
-        out = self.model(x, layers=(self.layer,))[self.layer]  # (B, T, D)
+        out = self._forward(x)  # (B, T, D)
         out = self.model.pool(out, self.pool, self.layer)  # (B, T, D) or (B, D)
         return out.to(self.save_dtype).cpu()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised pixels -> (B, T, D) tokens of ``self.layer``."""
+        rows = x.shape[0]
+        if self._compiled is not None:
+            self._compiled_rows = self._compiled_rows or rows
+            if rows < self._compiled_rows:  # pad a short last batch (rows are independent): no recompile
+                x = torch.cat([x, x.new_zeros((self._compiled_rows - rows, *x.shape[1:]))])
+            try:
+                return self._compiled(x, layers=(self.layer,))[self.layer][:rows]
+            except Exception as e:  # compilers fail in many ways: eager always works
+                first_line = (str(e).strip().splitlines() or [""])[0][:200]
+                warnings.warn(
+                    f"--compile: torch.compile failed ({type(e).__name__}: {first_line}); running eager",
+                    VitembedWarning,
+                    stacklevel=3,
+                )
+                self._compiled = None
+                self.packed = pack_for_cpu(self.model)
+        return self.model(x, layers=(self.layer,))[self.layer][:rows]
 
     def metadata(self) -> dict[str, str]:
         """String metadata saying exactly how the embeddings were made (safetensors header)."""
@@ -202,6 +287,7 @@ class Result:
 
     ``status`` is ``encoded`` (``output`` written), ``failed`` (``error`` says
     why) or ``skipped`` (``reason`` says why, e.g. the same file given twice).
+    With ``--pack``, ``output`` is the part file and ``row`` the input's row in it.
     """
 
     source: str
@@ -209,6 +295,7 @@ class Result:
     output: str | None = None
     error: InputError | None = None
     reason: str | None = None
+    row: int | None = None
 
 
 @dataclass
@@ -218,7 +305,8 @@ class Summary:
     ``skipped`` counts inputs already done and files named twice; ``stopped``
     is True when ``fail_fast`` ended the run at a failure, ``interrupted`` when
     Ctrl-C (KeyboardInterrupt) did. ``log_errors`` says why lines could not be
-    appended to ``DIR/failures.jsonl``.
+    appended to ``DIR/failures.jsonl``. Per-input results go to ``on_result``
+    as they happen and are not kept, so memory does not grow with the number of inputs.
     """
 
     encoded: int = 0
@@ -228,7 +316,6 @@ class Summary:
     stopped: bool = False
     interrupted: bool = False
     log_errors: list[str] = field(default_factory=list)
-    results: list[Result] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
@@ -291,6 +378,96 @@ def batch_stage(
         yield chunk
 
 
+class _FileSink:
+    """The per-image layout: one file per input (``writers.write_embedding``)."""
+
+    def __init__(self, fmt: str, metadata: dict[str, str]):
+        self.fmt, self.metadata = fmt, metadata
+
+    def put(self, job: Job, embedding: torch.Tensor) -> list[Result]:
+        try:
+            write_embedding(job.output, embedding, {**self.metadata, "source": printable(job.source)}, self.fmt)
+        except Exception as e:  # disk full, name too long, ...: this output fails, the run goes on
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            error = InputError(job.source, "write-failed", f"cannot write {printable(job.output)}: {reason}")
+            return [Result(job.source, "failed", error=error)]
+        return [Result(job.source, "encoded", output=str(job.output))]
+
+    def failed(self, job: Job, error: InputError) -> None:
+        pass
+
+    def close(self) -> list[Result]:
+        return []
+
+
+class _PackSink:
+    """The packed layout (``--pack N``): N embeddings per part file, plus ``index.jsonl`` (packs.py)."""
+
+    def __init__(self, out_dir: Path, rows: int, shard: tuple[int, int] | None, metadata: dict[str, str]):
+        self.out_dir = out_dir
+        self.writer = PackWriter(out_dir, rows, part_prefix(shard), metadata)
+        self.jobs: dict[str, Job] = {}
+
+    def put(self, job: Job, embedding: torch.Tensor) -> list[Result]:
+        self.jobs[job.relpath] = job
+        return self.close() if self.writer.add(job.relpath, printable(job.source), embedding) else []
+
+    def failed(self, job: Job, error: InputError) -> None:
+        entry = {"key": job.relpath, "source": printable(job.source), "part": None, "row": None,
+                 "status": "failed", "error_kind": error.kind, "error": error.reason}
+        try:
+            append_index(self.out_dir, [entry])
+        except OSError:
+            pass  # failures.jsonl has it too; a missing line only means "not done", which is true
+
+    def close(self) -> list[Result]:
+        rows, part, error = self.writer.flush()
+        results = []
+        for row, (key, _) in enumerate(rows):
+            job = self.jobs.pop(key)
+            if error is None:
+                results.append(Result(job.source, "encoded", output=str(self.out_dir / part), row=row))
+            else:
+                reason = f"cannot write a part file in {printable(self.out_dir)}: {error.strerror or error}"
+                results.append(Result(job.source, "failed", error=InputError(job.source, "write-failed", reason)))
+        return results
+
+
+class _WriteStage:
+    """The write stage in a background thread: writes and reports each batch, in input
+    order, while the model computes the next. At most ``depth`` batches wait in its
+    queue, so memory stays flat however many images there are."""
+
+    def __init__(self, handle: Callable[[list, torch.Tensor | None], None], close: Callable[[], None], depth: int = 2):
+        self.handle, self.finish = handle, close
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="vitembed-write", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:  # after an error, drain without writing so put() never blocks for good
+                try:
+                    self.handle(*item)
+                except BaseException as e:
+                    self.error = e
+        try:
+            self.finish()
+        except BaseException as e:
+            self.error = self.error or e
+
+    def put(self, chunk: list, embeddings: torch.Tensor | None) -> None:
+        self.queue.put((chunk, embeddings))
+
+    def close(self) -> None:
+        """Wait for the queued batches and the last part; re-raise the stage's first error."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None and not isinstance(self.error, _Stop):
+            raise self.error
+
+
 def encode_jobs(
     plan: Plan,
     encoder: Encoder,
@@ -301,8 +478,9 @@ def encode_jobs(
     on_result: Callable[[Result], None] | None = None,
     overwrite: bool = False,
     fail_fast: bool = False,
+    pack: int | None = None,
 ) -> Summary:
-    """Run the stages over a plan: decode, batch, model, write.
+    """Run the stages over a plan: decode (worker threads), batch, model (this thread), write (a background thread).
 
     A file that cannot be decoded, or whose output cannot be written, is reported
     as a failed ``Result`` (and appended to ``DIR/failures.jsonl``) and the run
@@ -314,21 +492,28 @@ def encode_jobs(
         plan: from ``inputs.plan_jobs``; its problems are reported as failed and
             its duplicates as skipped, before any image is encoded.
         encoder: the model stage.
-        fmt: ``safetensors`` or ``npy``.
+        fmt: ``safetensors`` or ``npy`` (``pack`` needs safetensors).
         batch_size: images per model call.
         workers: decode threads (default: usable cores).
         decode: pixel limit, transparency background, truncated files (``decode.DecodeOptions``).
-        on_result: called once per input, in input order within each batch.
+        on_result: called once per input from the write thread, in input order
+            (with ``pack``, encoded inputs are reported when their part is written).
         overwrite: re-encode inputs whose outputs exist, and replace outputs made
             with other settings instead of refusing.
         fail_fast: stop at the first failed input (``Summary.stopped`` is then True).
+        pack: write N embeddings per part file plus ``DIR/index.jsonl`` (packs.py)
+            instead of one file per input.
 
     Raises:
-        UsageError: DIR holds outputs made with other settings (unless ``overwrite``).
+        UsageError: DIR holds outputs made with other settings (unless ``overwrite``),
+            or the options do not fit together.
     """
     check_format(fmt, encoder.save_dtype_name)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    if pack is not None and (pack < 1 or fmt != "safetensors"):
+        raise UsageError("--pack N needs N >= 1 and --format safetensors" if fmt == "safetensors" or pack < 1
+                         else "--pack writes safetensors part files; it cannot be used with --format npy")
     workers = workers or usable_cores()
     summary = Summary()
     start = time.perf_counter()
@@ -337,25 +522,28 @@ def encode_jobs(
         "background": ",".join(map(str, decode.background)),
         "allow_truncated": "true" if decode.allow_truncated else "false",
         "format": fmt,
+        "layout": "packed" if pack else "files",
     }
     settings = run_settings(base_meta)
     pre = encoder.preprocess
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    state = read_dir_state(plan.out_dir)
+    out_dir = Path(plan.out_dir)
+    state = read_dir_state(out_dir)
     if overwrite:
         todo, already = list(plan.jobs), []
         state = DirState(settings, overwrite_started=time.time())
     else:
-        todo, already = scan_outputs(plan, fmt, settings, state)  # raises before anything is written
+        scan = scan_packs if pack else scan_outputs
+        todo, already = scan(plan, fmt, settings, state)  # raises before anything is written
         state = DirState(settings, state.overwrite_started if state.settings == settings else None)
-    write_dir_state(plan.out_dir, state)
+    write_dir_state(out_dir, state)
+    sink = _PackSink(out_dir, pack, plan.sharded, base_meta) if pack else _FileSink(fmt, base_meta)
 
     def report(result: Result) -> None:
-        summary.results.append(result)
         setattr(summary, result.status, getattr(summary, result.status) + 1)
         if result.error is not None:
             try:
-                append_failure(plan.out_dir, result.source, result.error.kind, result.error.reason, run_id)
+                append_failure(out_dir, result.source, result.error.kind, result.error.reason, run_id)
             except OSError as e:  # the log is a convenience: losing it must not lose the run
                 summary.log_errors.append(f"cannot append to {FAILURES_FILE}: {e.strerror or e}")
         if on_result is not None:
@@ -364,9 +552,27 @@ def encode_jobs(
             summary.stopped = True
             raise _Stop
 
+    def write_batch(chunk: list[tuple[Job, np.ndarray | InputError]], embeddings: torch.Tensor | None) -> None:
+        rows = iter(embeddings) if embeddings is not None else iter(())  # (T, D) each
+        for job, item in chunk:
+            if isinstance(item, InputError):
+                sink.failed(job, item)
+                report(Result(job.source, "failed", error=item))
+                continue
+            for result in sink.put(job, next(rows)):
+                report(result)
+
+    def finish() -> None:  # the last, partly filled part: what was computed is kept, also after Ctrl-C
+        for result in sink.close():
+            try:
+                report(result)
+            except _Stop:
+                pass
+
     def load(path: str) -> np.ndarray:
         return load_pixels(path, pre, decode)
 
+    writer: _WriteStage | None = None
     try:
         for problem in plan.problems:
             report(Result(problem.path, "failed", error=problem))
@@ -374,31 +580,77 @@ def encode_jobs(
             report(Result(source, "skipped", reason=f"same file as {printable(first)}"))
         for result in already:
             report(result)
+        writer = _WriteStage(write_batch, finish)
         decoded = decode_stage(todo, load, workers, lookahead=2 * batch_size)
         for chunk in batch_stage(decoded, batch_size):
+            if writer.error is not None:
+                break
             images = [item for _, item in chunk if not isinstance(item, InputError)]
-            embeddings = iter(encoder(np.stack(images))) if images else iter(())  # (B, T, D)
-            for job, item in chunk:
-                if isinstance(item, InputError):
-                    report(Result(job.source, "failed", error=item))
-                    continue
-                embedding = next(embeddings)
-                try:
-                    write_embedding(job.output, embedding, {**base_meta, "source": printable(job.source)}, fmt)
-                except Exception as e:  # disk full, name too long, ...: this output fails, the run goes on
-                    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                    error = InputError(job.source, "write-failed", f"cannot write {printable(job.output)}: {reason}")
-                    report(Result(job.source, "failed", error=error))
-                    continue
-                report(Result(job.source, "encoded", output=str(job.output)))
-        if state.overwrite_started is not None:  # every input went through: DIR holds one set of settings
-            write_dir_state(plan.out_dir, DirState(settings))
+            writer.put(chunk, encoder(np.stack(images)) if images else None)  # (B, T, D)
+        writer.close()
+        writer = None
+        if isinstance(sink, _PackSink) and state.overwrite_started is not None and not summary.stopped:
+            remove_dead_parts(out_dir)
+        if state.overwrite_started is not None and not summary.stopped:  # DIR holds one set of settings
+            write_dir_state(out_dir, DirState(settings))
     except _Stop:
         pass
     except KeyboardInterrupt:  # Ctrl-C: the outputs written so far are complete; report what was done
         summary.interrupted = True
+    finally:
+        if writer is not None:  # an error or Ctrl-C: still write what the model has computed
+            try:
+                writer.close()
+            except KeyboardInterrupt:
+                summary.interrupted = True
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def scan_packs(
+    plan: Plan, fmt: str, settings: dict[str, str], state: DirState
+) -> tuple[list[Job], list[Result]]:
+    """The resume stage for ``--pack``: ``scan_outputs`` for part files and ``DIR/index.jsonl``.
+
+    An input is done when the index's last line for its key says ``encoded`` and
+    that part is complete and was made with ``settings`` (parts written before
+    an unfinished ``--overwrite`` with these settings are redone). Complete parts
+    the index does not name are indexed from their own metadata first.
+
+    Raises:
+        UsageError: DIR holds outputs made with other settings.
+    """
+    out_dir = Path(plan.out_dir)
+    if state.settings is not None and state.settings != settings:
+        raise settings_conflict(f"{printable(out_dir)} holds outputs", settings, state.settings)
+    redoing = state.overwrite_started
+    index = recover_parts(out_dir, read_index(out_dir))
+    parts: dict[str, tuple[PartInfo, float]] = {}
+    todo: list[Job] = []
+    done: list[Result] = []
+    for job in plan.jobs:
+        entry = index.get(job.relpath)
+        if entry is None or entry.get("status") != "encoded" or not isinstance(entry.get("part"), str):
+            todo.append(job)
+            continue
+        name = entry["part"]
+        if name not in parts:
+            path = out_dir / name
+            try:
+                parts[name] = (read_part(path), path.stat().st_mtime)
+            except OSError:
+                parts[name] = (PartInfo(False), 0.0)
+        info, mtime = parts[name]
+        row = entry.get("row")
+        if not info.complete or not isinstance(row, int) or not 0 <= row < len(info.keys or ()) or info.keys[row] != job.relpath:
+            todo.append(job)  # the part is gone, torn, or does not hold this input where the index says
+        elif info.settings != settings or (redoing is not None and mtime < redoing):
+            if redoing is None:
+                raise settings_conflict(f"{printable(out_dir / name)} was", settings, info.settings or {})
+            todo.append(job)
+        else:
+            done.append(Result(job.source, "skipped", output=str(out_dir / name), reason="already done", row=row))
+    return todo, done
 
 
 def scan_outputs(
@@ -454,12 +706,13 @@ def load_encoder(
     seed: int = 0,
     layer: str = "last",
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     save_dtype: str = "float32",
     pool: str = "none",
     image_size: int | None = None,
     preprocess: dict | None = None,
     progress: bool = True,
+    compile: bool = False,
 ) -> Encoder:
     """Resolve weights for a catalog model and build its ``Encoder``.
 
@@ -482,7 +735,9 @@ def load_encoder(
         theirs.family, theirs.hidden_size, theirs.depth, theirs.patch_size
     )
     name = spec.name if same else f"checkpoint:{ours.family}"  # not its path: resume must not depend on it
-    return Encoder(resolved, layer=layer, device=device, dtype=dtype, save_dtype=save_dtype, pool=pool, model_name=name)
+    return Encoder(
+        resolved, layer=layer, device=device, dtype=dtype, save_dtype=save_dtype, pool=pool, model_name=name, compile=compile
+    )
 
 
 def encode(

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 
-def start_panel(console: Console, encoder, workers: int, out: Path) -> None:
+def start_panel(console: Console, encoder, workers: int, out: Path, pack: int | None = None) -> None:
     """Device, torch version, dtype, threads, model and weights, in one panel."""
     import torch
 
@@ -27,8 +27,9 @@ def start_panel(console: Console, encoder, workers: int, out: Path) -> None:
         ("layer", f"{encoder.layer}, pool {encoder.pool} -> {'x'.join(map(str, encoder.output_shape))} per image"),
         ("device", f"{encoder.device}  torch {torch.__version__}"),
         ("dtype", f"compute {encoder.dtype_name}, save {encoder.save_dtype_name}"),
+        ("model run", "torch.compile" if encoder.compiled else "eager" + (", oneDNN packed linears" if encoder.packed else "")),
         ("threads", f"torch {torch.get_num_threads()}, decode {workers}"),
-        ("output", str(out)),
+        ("output", str(out) + (f" (parts of {pack} + index.jsonl)" if pack else " (one file per image)")),
     ]
     for key, value in rows:
         table.add_row(Text(key, style="bold"), Text(value))

@@ -1,0 +1,245 @@
+"""Packed outputs (``--pack N``): N embeddings per file and an index, for jobs of millions of images.
+
+Layout of DIR:
+
+    part-00000.safetensors   tensor ``embeddings`` (rows, *embedding shape); rows <= N.
+                             Metadata: the run's settings (as a per-image file has them),
+                             ``rows``, and ``keys`` / ``sources``: JSON lists, one entry per row.
+    part-2of4-00000...       the same, written by ``--shard 2/4`` (concurrent shards never share a name)
+    index.jsonl              one JSON object per line: {"key", "source", "part", "row", "status"},
+                             status ``encoded`` (``part`` and ``row`` say where) or ``failed``
+                             (with ``error_kind`` and ``error``); the last line for a key wins.
+
+``key`` is the input's output path relative to DIR without the suffix (``sub/cat.jpg``),
+the name a per-image output would have. A part is written whole under a temporary
+name and renamed into place, and its index lines are appended after it, in one
+``write`` (O_APPEND), so concurrent shards can share one index. A part written by
+a job killed before its lines were appended is indexed from its own metadata by
+the next run (``recover_parts``). Does not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .writers import _canonical_header, atomic_write, run_settings
+
+PACK_TENSOR = "embeddings"
+INDEX_FILE = "index.jsonl"
+_PART = re.compile(r"^part-(?:(\d+)of(\d+)-)?(\d{5,})\.safetensors$")
+
+
+def part_prefix(shard: tuple[int, int] | None) -> str:
+    """``part-`` or, for shard K of N, ``part-KofN-``."""
+    return "part-" if shard is None else f"part-{shard[0]}of{shard[1]}-"
+
+
+def next_part_number(out_dir: Path, prefix: str) -> int:
+    """One more than the highest part number with ``prefix`` in DIR or named by its index
+    (0 when there is none): a name is never used twice, even after its file was lost."""
+    numbers = [-1]
+    try:
+        names = set(os.listdir(out_dir)) | indexed_parts(out_dir)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".safetensors"):
+            digits = name[len(prefix) : -len(".safetensors")]
+            if digits.isdigit():
+                numbers.append(int(digits))
+    return max(numbers) + 1
+
+
+def append_index(out_dir: Path, entries: Iterable[dict]) -> None:
+    """Append entries to ``DIR/index.jsonl`` in one ``write`` on an O_APPEND file.
+
+    Raises:
+        OSError: the index cannot be written.
+    """
+    text = "".join(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in entries)
+    if not text:
+        return
+    fd = os.open(Path(out_dir) / INDEX_FILE, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a line torn by a crash: do not glue ours onto it
+            text = "\n" + text
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _index_entries(out_dir: Path) -> Iterator[dict]:
+    """Each line of ``DIR/index.jsonl`` that parses as a JSON object (a line torn by a crash does not)."""
+    try:
+        f = open(Path(out_dir) / INDEX_FILE, encoding="utf-8", errors="surrogateescape")
+    except FileNotFoundError:
+        return
+    with f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict):
+                yield entry
+
+
+def read_index(out_dir: Path) -> dict[str, dict]:
+    """The last index entry of each key."""
+    return {e["key"]: e for e in _index_entries(out_dir) if isinstance(e.get("key"), str)}
+
+
+@dataclass
+class PartInfo:
+    """A part file's state: ``complete`` (parses whole, holds ``embeddings``), its settings and row keys."""
+
+    complete: bool
+    settings: dict[str, str] | None = None
+    keys: list[str] | None = None
+    sources: list[str] | None = None
+
+
+def read_part(path: Path) -> PartInfo:
+    """Read a part's header (not its data). A missing or unparsable part is not complete."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            if PACK_TENSOR not in f.keys():
+                return PartInfo(False)
+            meta = dict(f.metadata() or {})
+        keys, sources = json.loads(meta.pop("keys")), json.loads(meta.pop("sources"))
+        meta.pop("rows", None)
+        return PartInfo(True, run_settings(meta), keys, sources)
+    except Exception:
+        return PartInfo(False)
+
+
+def recover_parts(out_dir: Path, index: dict[str, dict]) -> dict[str, dict]:
+    """Index the complete parts in DIR that no index entry names (a job killed between
+    writing a part and appending its lines); returns the index with them added."""
+    named = {e.get("part") for e in index.values()}
+    try:
+        names = sorted(n for n in os.listdir(out_dir) if _PART.match(n) and n not in named)
+    except FileNotFoundError:
+        return index
+    for name in names:
+        info = read_part(Path(out_dir) / name)
+        if not info.complete or info.keys is None or info.sources is None:
+            continue
+        entries = [
+            {"key": k, "source": s, "part": name, "row": row, "status": "encoded"}
+            for row, (k, s) in enumerate(zip(info.keys, info.sources))
+        ]
+        try:
+            append_index(out_dir, entries)
+        except OSError:
+            pass  # still counted as done for this run; the next run tries again
+        for e in entries:
+            index[e["key"]] = e
+    return index
+
+
+def live_parts(index: dict[str, dict]) -> set[str]:
+    """Parts that hold the latest embedding of at least one key."""
+    return {e["part"] for e in index.values() if e.get("status") == "encoded" and e.get("part")}
+
+
+def indexed_parts(out_dir: Path) -> set[str]:
+    """Every part that any line of ``DIR/index.jsonl`` names."""
+    return {e["part"] for e in _index_entries(out_dir) if isinstance(e.get("part"), str)}
+
+
+def remove_dead_parts(out_dir: Path) -> list[str]:
+    """After a finished ``--overwrite``: delete the parts the index names whose every row
+    has a newer entry elsewhere. Parts the index never named (another shard's part
+    not yet indexed) are left alone. Returns the names removed."""
+    live = live_parts(read_index(out_dir))
+    removed = []
+    for name in sorted(indexed_parts(out_dir) - live):
+        if _PART.match(name):
+            try:
+                os.unlink(Path(out_dir) / name)
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+class PackWriter:
+    """Collects embeddings and writes them N at a time as one part file, then indexes them.
+
+    Args:
+        out_dir: DIR.
+        rows: N, embeddings per part.
+        prefix: part name prefix (``part_prefix``).
+        metadata: string metadata of every part (the run's settings).
+    """
+
+    def __init__(self, out_dir: Path, rows: int, prefix: str, metadata: dict[str, str]):
+        self.out_dir, self.rows, self.prefix, self.metadata = Path(out_dir), rows, prefix, metadata
+        self.number = next_part_number(self.out_dir, prefix)
+        self.pending: list[tuple[str, str, object]] = []  # (key, source, embedding tensor)
+
+    def add(self, key: str, source: str, embedding) -> bool:
+        """Queue one embedding (a CPU tensor); True when a part is full and ``flush`` should be called."""
+        self.pending.append((key, source, embedding))
+        return len(self.pending) >= self.rows
+
+    def flush(self) -> tuple[list[tuple[str, str]], str | None, OSError | None]:
+        """Write the queued embeddings as the next part and append their index lines.
+
+        Returns:
+            ((key, source) of each row, the part's file name, None) when written;
+            (the same rows, None, the OSError) when the part could not be written
+            (the rows are then not on disk; the caller reports them as failed).
+        """
+        import torch
+        from safetensors.torch import save
+
+        rows, self.pending = self.pending, []
+        if not rows:
+            return [], None, None
+        keys = [k for k, _, _ in rows]
+        sources = [s for _, s, _ in rows]
+        name = f"{self.prefix}{self.number:05d}.safetensors"
+        meta = {**self.metadata, "rows": str(len(rows)), "keys": json.dumps(keys), "sources": json.dumps(sources)}
+        try:
+            data = save({PACK_TENSOR: torch.stack([e for _, _, e in rows])}, metadata=meta)
+            atomic_write(self.out_dir / name, _canonical_header(data))
+        except OSError as e:
+            return list(zip(keys, sources)), None, e
+        self.number += 1
+        entries = [
+            {"key": k, "source": s, "part": name, "row": row, "status": "encoded"}
+            for row, (k, s) in enumerate(zip(keys, sources))
+        ]
+        try:
+            append_index(self.out_dir, entries)
+        except OSError:
+            pass  # the part is whole and names its rows: the next run indexes it (recover_parts)
+        return list(zip(keys, sources)), name, None
+
+
+def iter_packed(out_dir: str | os.PathLike) -> Iterator[tuple[str, str, object]]:
+    """(key, source, embedding) for every encoded input of a packed DIR, part by part.
+
+    Embeddings are numpy arrays (safetensors' numpy reader; bfloat16 parts need
+    torch: read those with ``safetensors.torch.load_file``).
+    """
+    from safetensors.numpy import load_file
+
+    by_part: dict[str, list[dict]] = {}
+    for entry in read_index(Path(out_dir)).values():
+        if entry.get("status") == "encoded":
+            by_part.setdefault(entry["part"], []).append(entry)
+    for part in sorted(by_part):
+        tensor = load_file(str(Path(out_dir) / part))[PACK_TENSOR]
+        for entry in sorted(by_part[part], key=lambda e: e["row"]):
+            yield entry["key"], entry["source"], tensor[entry["row"]]
