@@ -12,17 +12,17 @@ from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPi
 from vitembed.config import PreprocessConfig
 from vitembed.decode import to_rgb
 from vitembed.errors import InputError
-from vitembed.preprocess import load_pixels, normalize, normalize_table
+from vitembed.preprocess import load_pixels, normalize, normalize_stats, normalize_table
 
 from .conftest import jpeg_bytes, photo
 
 CFG = PreprocessConfig()
-TABLE = normalize_table(CFG)
+STATS = normalize_stats(CFG)
 PROCESSOR = ViTImageProcessorPil()
 
 
 def ours(path) -> torch.Tensor:
-    return normalize(torch.from_numpy(np.array(load_pixels(path, CFG)))[None], TABLE)
+    return normalize(torch.from_numpy(np.array(load_pixels(path, CFG)))[None], STATS)
 
 
 def reference(path) -> torch.Tensor:
@@ -129,10 +129,27 @@ def test_float_images_are_refused(tmp_path):
 
 def test_normalize_table_values():
     # level 0 -> (0 - 0.5) / 0.5 = -1, level 255 -> +1, level 128 -> float32(128/255*2-1)
+    TABLE = normalize_table(CFG)
     assert TABLE.shape == (3, 256) and TABLE.dtype == torch.float32
     assert TABLE[:, 0].tolist() == [-1.0] * 3 and TABLE[:, 255].tolist() == [1.0] * 3
     imagenet = normalize_table(PreprocessConfig(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
     assert imagenet[0, 0].item() == pytest.approx(-0.485 / 0.229, abs=1e-6)
+
+
+def test_normalize_arithmetic_equals_the_reference_table_at_every_level():
+    """normalize computes (p / 255 - mean) / std in float32 instead of looking levels up in
+    normalize_table (transformers' float64 rescale); the two must agree bit for bit."""
+    from vitembed.catalog import CATALOG
+
+    levels = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16, 1).expand(2, 16, 16, 3).contiguous()
+    configs = {(spec.preprocess.mean, spec.preprocess.std) for spec in CATALOG.values()} | {((0.1, 0.2, 0.3), (0.7, 1e-3, 3.0))}
+    assert len(configs) >= 4
+    for mean, std in configs:
+        cfg = PreprocessConfig(mean=mean, std=std)
+        got = normalize(levels, normalize_stats(cfg))  # (2, 3, 16, 16)
+        assert got.shape == (2, 3, 16, 16) and got.dtype == torch.float32 and got.is_contiguous()
+        assert torch.equal(got[0].reshape(3, 256), normalize_table(cfg)), (mean, std)
+    assert normalize(levels, normalize_stats(CFG), torch.bfloat16).dtype == torch.bfloat16
 
 
 def _processors():
@@ -160,7 +177,7 @@ def test_crop_preprocessing_matches_each_family_processor(tmp_path, family, size
     path.write_bytes(jpeg_bytes(photo(*size, seed=size[1])))
     with Image.open(path) as im:
         want = processor(im, do_convert_rgb=True, return_tensors="pt")["pixel_values"]
-    got = normalize(torch.from_numpy(load_pixels(path, cfg))[None], normalize_table(cfg))
+    got = normalize(torch.from_numpy(load_pixels(path, cfg))[None], normalize_stats(cfg))
     assert got.shape == want.shape == (1, 3, 224, 224)
     assert torch.equal(got, want)
 

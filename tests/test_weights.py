@@ -120,9 +120,9 @@ def test_timm_repository_in_the_cache_uses_the_catalog_architecture(tmp_path):
         got, meta = f.get_tensor("embedding"), f.metadata()
     assert meta["weights"] == f"hf://{spec.repo}" and meta["layer_norm_eps"] == "1e-06"
     assert (meta["resize"], meta["resize_size"], meta["crop"], meta["crop_rounding"]) == ("shortest", "248", "true", "round")
-    from vitembed.preprocess import load_pixels, normalize, normalize_table
+    from vitembed.preprocess import load_pixels, normalize, normalize_stats, normalize_table
 
     pixels = torch.from_numpy(load_pixels(tmp_path / "p.png", spec.preprocess))[None]
     with torch.no_grad():
-        want = model(normalize(pixels, normalize_table(spec.preprocess)))["last"][0].numpy()
+        want = model(normalize(pixels, normalize_stats(spec.preprocess)))["last"][0].numpy()
     assert got.shape == (197, 192) and np.abs(got - want).max() < 1e-5

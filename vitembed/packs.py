@@ -212,7 +212,7 @@ class PackWriter:
         meta = {**self.metadata, "rows": str(len(rows)), "keys": json.dumps(keys), "sources": json.dumps(sources)}
         try:
             data = save({PACK_TENSOR: torch.stack([e for _, _, e in rows])}, metadata=meta)
-            atomic_write(self.out_dir / name, _canonical_header(data))
+            atomic_write(self.out_dir / name, *_canonical_header(data))
         except OSError as e:
             return list(zip(keys, sources)), None, e
         self.number += 1

@@ -35,7 +35,7 @@ from .inputs import Job, Plan
 from .decode import DecodeOptions
 from .model import VisionTransformer, pack_for_cpu
 from .packs import PackWriter, PartInfo, append_index, part_prefix, read_index, read_part, recover_parts, remove_dead_parts
-from .preprocess import load_pixels, normalize, normalize_table
+from .preprocess import load_pixels, normalize, normalize_stats
 from .weights import ResolvedWeights, build_model, resolve_weights
 from .writers import (
     FAILURES_FILE,
@@ -185,7 +185,7 @@ class Encoder:
             self._compiled = torch.compile(self.model, options=options)
         else:
             self.packed = pack_for_cpu(self.model)
-        self.table = normalize_table(weights.preprocess).to(self.device)
+        self.stats = normalize_stats(weights.preprocess).to(self.device)  # (2, 3) mean, std
 
     @property
     def compiled(self) -> bool:
@@ -213,7 +213,7 @@ class Encoder:
         if self.device.type == "cuda":  # pinned (page-locked) memory lets the copy run asynchronously
             batch = batch.pin_memory()
         batch = batch.to(self.device, non_blocking=True)
-        x = normalize(batch, self.table, self.dtype)  # (B, 3, S, S)
+        x = normalize(batch, self.stats, self.dtype)  # (B, 3, S, S)
         out = self._forward(x)  # (B, T, D)
         out = self.model.pool(out, self.pool, self.layer)  # (B, T, D) or (B, D)
         return out.to(self.save_dtype).cpu()

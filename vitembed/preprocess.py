@@ -70,28 +70,39 @@ def normalize_table(cfg: PreprocessConfig):
     """(3, 256) float32 tensor: the normalised value of each uint8 level, per channel.
 
     Computed exactly as transformers does it: rescale in float64, cast to
-    float32, subtract the float32 mean and divide by the float32 std.
+    float32, subtract the float32 mean and divide by the float32 std. The
+    reference that ``normalize`` reproduces bit for bit (the tests check every level).
     """
     import torch
 
     levels = (torch.arange(256, dtype=torch.float64) * (1 / 255)).to(torch.float32)  # (256,)
-    mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None]  # (3, 1)
-    std = torch.tensor(cfg.std, dtype=torch.float32)[:, None]
+    mean, std = normalize_stats(cfg)[:, :, None]  # (3, 1) each
     return (levels[None, :] - mean) / std  # (3, 256)
 
 
-def normalize(pixels, table, dtype=None):
+def normalize_stats(cfg: PreprocessConfig):
+    """(2, 3) float32 tensor: the mean and std of ``cfg``, per channel, for ``normalize``."""
+    import torch
+
+    return torch.tensor([cfg.mean, cfg.std], dtype=torch.float32)
+
+
+def normalize(pixels, stats, dtype=None):
     """uint8 batch (B, S, S, 3) -> normalised float batch (B, 3, S, S).
+
+    ``(p / 255 - mean) / std`` in float32. For the 256 uint8 levels, float32
+    ``p / 255`` equals transformers' float64 rescale cast to float32, so the
+    result equals ``normalize_table`` exactly, at a few passes over memory
+    (no gather).
 
     Args:
         pixels: uint8 torch tensor, channels last, on any device.
-        table: ``normalize_table(cfg)`` on the same device.
-        dtype: output dtype (default float32); the lookup itself is float32.
+        stats: ``normalize_stats(cfg)`` on the same device.
+        dtype: output dtype (default float32); the arithmetic itself is float32.
     """
     import torch
 
-    offsets = torch.arange(3, device=pixels.device, dtype=torch.int32) * 256  # (3,)
-    index = pixels.to(torch.int32) + offsets  # (B, S, S, 3)
-    x = table.reshape(-1)[index]  # (B, S, S, 3) float32
-    x = x.permute(0, 3, 1, 2)  # (B, 3, S, S)
-    return x.to(dtype).contiguous() if dtype is not None else x.contiguous()
+    mean, std = stats[:, None, :, None, None]  # (1, 3, 1, 1) each
+    x = pixels.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)  # (B, 3, S, S)
+    x = x.div_(255).sub_(mean).div_(std)
+    return x.to(dtype) if dtype is not None else x

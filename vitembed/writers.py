@@ -56,8 +56,8 @@ def check_out_dir(out_dir: str | os.PathLike) -> None:
         raise UsageError(f"--out {printable(out_dir)}: {printable(existing)} is not writable")
 
 
-def atomic_write(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+def atomic_write(path: Path, *chunks: bytes | memoryview) -> None:
+    """Write ``chunks``, one after another, to ``path`` through a temporary file in the same folder and a rename.
 
     Creates missing parent folders. On any error the temporary file is removed
     and ``path`` is left as it was.
@@ -68,7 +68,8 @@ def atomic_write(path: Path, data: bytes | memoryview) -> None:
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -78,14 +79,15 @@ def atomic_write(path: Path, data: bytes | memoryview) -> None:
         raise
 
 
-def _canonical_header(data: bytes) -> bytes:
-    """The same safetensors file with its JSON header keys sorted.
+def _canonical_header(data: bytes) -> tuple[bytes, memoryview]:
+    """The same safetensors file with its JSON header keys sorted: (new header, tensor data).
 
     safetensors writes the metadata in hash-map order, which changes from one
     process to the next; sorting makes equal embeddings and metadata give
     byte-identical files. Layout (safetensors format): u64 little-endian header
     length, JSON header padded with spaces to a multiple of 8 bytes, tensor data
     (offsets in the header are relative to the data, so they are unchanged).
+    The data is returned as a view, not copied; write the two one after the other.
     """
     import json
 
@@ -93,7 +95,7 @@ def _canonical_header(data: bytes) -> bytes:
     header = json.loads(data[8 : 8 + length])
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + data[8 + length :]
+    return len(text).to_bytes(8, "little") + text, memoryview(data)[8 + length :]
 
 
 def write_embedding(path: Path, embedding, metadata: dict[str, str], fmt: str) -> None:
@@ -108,7 +110,7 @@ def write_embedding(path: Path, embedding, metadata: dict[str, str], fmt: str) -
     if fmt == "safetensors":
         from safetensors.torch import save
 
-        atomic_write(path, _canonical_header(save({TENSOR_NAME: embedding.contiguous()}, metadata=metadata)))
+        atomic_write(path, *_canonical_header(save({TENSOR_NAME: embedding.contiguous()}, metadata=metadata)))
     elif fmt == "npy":
         import io
 
