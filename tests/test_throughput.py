@@ -182,6 +182,13 @@ def test_pack_overwrite_replaces_parts_and_other_layouts_are_refused(tmp_path, s
     assert npy.returncode == 2 and "--pack writes safetensors" in npy.stderr.decode()
 
 
+def test_unreadable_index_is_a_setup_error(tmp_path, small_ckpt):
+    src = _folder(tmp_path / "in", good=1)
+    (tmp_path / "out" / "index.jsonl").mkdir(parents=True)
+    r = run_cli("encode", str(src), "--out", str(tmp_path / "out"), "--weights", str(small_ckpt), "--pack", "2")
+    assert r.returncode == 2 and f"cannot read {tmp_path / 'out' / 'index.jsonl'}" in r.stderr.decode()
+
+
 def test_dtype_auto_is_float32_on_cpu_and_bfloat16_warns_without_cpu_support(tmp_path, small_ckpt):
     from vitembed.pipeline import _cpu_has_fast
 

@@ -75,11 +75,20 @@ def append_index(out_dir: Path, entries: Iterable[dict]) -> None:
 
 
 def _index_entries(out_dir: Path) -> Iterator[dict]:
-    """Each line of ``DIR/index.jsonl`` that parses as a JSON object (a line torn by a crash does not)."""
+    """Each line of ``DIR/index.jsonl`` that parses as a JSON object (a line torn by a crash does not).
+
+    Raises:
+        UsageError: the index exists but cannot be read (a folder, no permission).
+    """
+    from .errors import UsageError, printable
+
+    path = Path(out_dir) / INDEX_FILE
     try:
-        f = open(Path(out_dir) / INDEX_FILE, encoding="utf-8", errors="surrogateescape")
+        f = open(path, encoding="utf-8", errors="surrogateescape")
     except FileNotFoundError:
         return
+    except OSError as e:
+        raise UsageError(f"cannot read {printable(path)}: {e.strerror or e}") from None
     with f:
         for line in f:
             try:
