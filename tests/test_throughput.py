@@ -294,3 +294,14 @@ def test_an_error_in_the_write_stage_ends_the_run_instead_of_hanging(tmp_path, s
     with pytest.raises(BrokenPipeError):
         vitembed.encode([str(src)], tmp_path / "out", encoder=encoder, batch_size=1, on_result=on_result)
     assert len(seen) == 2
+
+
+def test_python_api_packs_and_reports_rows(tmp_path, small_ckpt):
+    import vitembed
+
+    src = _folder(tmp_path / "in", good=3)
+    seen = []
+    summary = vitembed.encode([str(src)], tmp_path / "out", encoder=_encoder(small_ckpt), pack=2, on_result=seen.append)
+    assert (summary.encoded, summary.failed) == (3, 0)
+    assert [(Path(r.output).name, r.row) for r in seen] == [
+        ("part-00000.safetensors", 0), ("part-00000.safetensors", 1), ("part-00001.safetensors", 0)]

@@ -754,6 +754,7 @@ def encode(
     overwrite: bool = False,
     fail_fast: bool = False,
     shard: tuple[int, int] | None = None,
+    pack: int | None = None,
     **encoder_options,
 ) -> Summary:
     """Encode image files and directories into ``out_dir``: the Python form of ``vitembed encode``.
@@ -762,7 +763,7 @@ def encode(
         inputs: image files and directories (searched recursively).
         out_dir: output directory; one ``<relative path>.<fmt>`` per image.
         encoder: a prepared ``Encoder``; if None one is built by ``load_encoder(**encoder_options)``.
-        fmt, batch_size, workers, decode, on_result, overwrite, fail_fast: as ``encode_jobs``.
+        fmt, batch_size, workers, decode, on_result, overwrite, fail_fast, pack: as ``encode_jobs``.
         shard: (K, N) to process only shard K of N (see ``inputs.Plan.shard``).
         stdin_paths: extra paths, placed as ``vitembed encode -`` places them.
 
@@ -787,4 +788,5 @@ def encode(
         on_result=on_result,
         overwrite=overwrite,
         fail_fast=fail_fast,
+        pack=pack,
     )
