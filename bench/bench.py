@@ -50,8 +50,18 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process, MiB (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process since it started, MiB.
+
+    Linux's VmHWM (the high-water mark of this program's own memory). Not ru_maxrss:
+    that carries over across exec, so a child of a large parent would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
 
 
 # ---------------------------------------------------------------- child cases
@@ -144,8 +154,10 @@ def make_weights(path: Path) -> None:
         from transformers import ViTImageProcessor as Processor
 
     from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
 
     disable_progress_bars()
+    hf_logging.disable_progress_bar()
     torch.manual_seed(0)
     ViTModel(ViTConfig(), add_pooling_layer=False).save_pretrained(path)
     Processor(size={"height": 224, "width": 224}).save_pretrained(path)
@@ -228,7 +240,9 @@ def main() -> None:
         args.images = args.images_opt
         return run_child(args)
 
-    images = args.images or DEFAULT_IMAGES
+    # ../shared beside the repository, or beside the current folder (a clone elsewhere, run from the repo)
+    candidates = [DEFAULT_IMAGES, Path.cwd().parent / "shared" / "images" / "imagenet-sample"]
+    images = args.images or next((c for c in candidates if c.is_dir()), DEFAULT_IMAGES)
     if not images.is_dir():
         raise SystemExit(f"no image folder {images}: give one on the command line")
     n = len(image_files(images))

@@ -199,6 +199,7 @@ def test_ctrl_c_exits_130_with_the_counts_and_whole_outputs(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "vitembed", "encode", str(src), "--out", str(out), "--weights", "random", "--batch-size", "1"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # also when pytest runs in the background
     )
     deadline = time.time() + 300
     while time.time() < deadline and not list(out.rglob("*.safetensors")):

@@ -81,7 +81,7 @@ def test_pack_writes_parts_of_n_rows_and_an_index_equal_to_per_image_files(tmp_p
     ]
     lines = [json.loads(line) for line in r.stdout.decode().splitlines()]
     assert lines[4] == {"source": str(src / "img04.jpg"), "status": "encoded",
-                        "output": str(out / "part-00001.safetensors"), "row": 1}
+                        "output": str(out / "part-00001.safetensors"), "key": "img04.jpg", "row": 1}
     packed = _packed(out)
     assert packed.keys() == expected.keys() and len(packed) == 7
     for key in expected:  # the same bytes as one file per image
@@ -305,3 +305,245 @@ def test_python_api_packs_and_reports_rows(tmp_path, small_ckpt):
     assert (summary.encoded, summary.failed) == (3, 0)
     assert [(Path(r.output).name, r.row) for r in seen] == [
         ("part-00000.safetensors", 0), ("part-00000.safetensors", 1), ("part-00001.safetensors", 0)]
+
+
+@pytest.mark.parametrize("sig, code, words", [(signal.SIGTERM, 143, "terminated (SIGTERM)"), (signal.SIGINT, 130, "interrupted")])
+def test_signal_part_way_through_a_packed_job_keeps_every_computed_row(tmp_path, sig, code, words):
+    src, out = _folder(tmp_path / "in", good=10), tmp_path / "out"
+    env = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitembed", "encode", str(src), "--out", str(out), "--weights", "random",
+         "--batch-size", "1", "--pack", "4"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # also when pytest runs in the background
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("part-*.safetensors")):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr.decode()
+    assert f"{words}: the outputs already written are complete; run again to resume" in stderr.decode()
+    packed = _packed(out)
+    assert 4 <= len(packed) < 10  # the full part, and the rows computed since, written as a last part
+    assert _summary(stderr).startswith(f"encoded {len(packed)}, skipped 0, failed 0")
+    assert all(e.shape == (197, 768) for e in packed.values())
+    again = subprocess.run(
+        [sys.executable, "-m", "vitembed", "encode", str(src), "--out", str(out), "--weights", "random", "--pack", "4"],
+        env=env, capture_output=True, timeout=600,
+    )
+    assert again.returncode == 0 and _summary(again.stderr).startswith(f"encoded {10 - len(packed)}, skipped {len(packed)}")
+
+
+def test_bfloat16_packs_read_back_as_float32_and_inspect_describes_the_first_row(tmp_path, small_ckpt):
+    import torch as _torch
+    from safetensors.torch import load_file as load_torch
+
+    from vitembed.inspect import inspect_file
+
+    src, out = _folder(tmp_path / "in", good=3), tmp_path / "out"
+    r = run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt), "--pack", "2", "--save-dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr.decode()
+    stored = load_torch(out / "part-00000.safetensors")["embeddings"]
+    assert stored.dtype == _torch.bfloat16 and stored.shape == (2, 17, 48)
+    packed = _packed(out)
+    assert packed["img01.jpg"].dtype == np.float32
+    assert np.array_equal(packed["img01.jpg"], stored[1].float().numpy())
+    info = inspect_file(out / "part-00000.safetensors")
+    stats = info["tensors"][0]["stats"]
+    assert stats["token0_l2"] == pytest.approx(float(stored[0, 0].float().norm()), rel=1e-6)  # row 0's class token
+
+
+def test_encode_refuses_encoder_options_next_to_an_encoder(tmp_path, small_ckpt):
+    import vitembed
+    from vitembed.errors import UsageError
+
+    with pytest.raises(UsageError, match="bogus, layer cannot be given with encoder="):
+        vitembed.encode([str(tmp_path)], tmp_path / "out", encoder=_encoder(small_ckpt), layer="2", bogus=1)
+
+
+def test_compile_is_recorded_but_does_not_block_resume(tmp_path, small_ckpt, monkeypatch):
+    src = _folder(tmp_path / "in", good=2)
+    out = tmp_path / "out"
+    assert run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt)).returncode == 0
+    with safe_open(str(out / "img00.jpg.safetensors"), "numpy") as f:
+        assert f.metadata()["compile"] == "false"
+    (src / "img09.jpg").write_bytes(jpeg_bytes(photo(30, 30, seed=5)))
+    r = run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt), "--compile")
+    assert r.returncode == 0, r.stderr.decode()
+    assert _summary(r.stderr).startswith("encoded 1, skipped 2")
+    with safe_open(str(out / "img09.jpg.safetensors"), "numpy") as f:
+        assert f.metadata()["compile"] == "true"
+    assert "warning:" not in r.stderr.decode().replace("warning: --weights random", "")
+
+
+# Regression tests for what a breaking pass found in --pack and the write stage.
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names that are not UTF-8 need a byte-name file system")
+def test_pack_with_a_file_name_that_is_not_utf8(tmp_path, small_ckpt):
+    src = _folder(tmp_path / "in", good=1)
+    photo(20, 20).save(os.fsencode(src) + b"/caf\xe9.png")
+    out = tmp_path / "out"
+    args = ("encode", str(src), "--out", str(out), "--weights", str(small_ckpt), "--pack", "4")
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr.decode()
+    assert _summary(first.stderr).startswith("encoded 2, skipped 0, failed 0")
+    assert "caf\\xe9.png" in {e["key"] for e in _index(out)}
+    again = run_cli(*args)
+    assert again.returncode == 0 and _summary(again.stderr).startswith("encoded 0, skipped 2")
+
+
+def test_two_writers_into_one_dir_never_share_a_part_name(tmp_path):
+    from vitembed.packs import PackWriter
+
+    a, b = PackWriter(tmp_path, 2, "part-", {"x": "1"}), PackWriter(tmp_path, 2, "part-", {"x": "1"})
+    for writer, tag in ((a, "a"), (b, "b")):  # both start at part-00000, as two runs started together do
+        writer.add(f"{tag}1", f"{tag}1.jpg", torch.full((3,), 1.0))
+        writer.add(f"{tag}2", f"{tag}2.jpg", torch.full((3,), 2.0))
+    (_, name_a, err_a, _), (_, name_b, err_b, _) = a.flush(), b.flush()
+    assert (name_a, name_b, err_a, err_b) == ("part-00000.safetensors", "part-00001.safetensors", None, None)
+    assert sorted(key for key, _, _ in _iter(tmp_path)) == ["a1", "a2", "b1", "b2"]
+
+
+def _iter(out):
+    from vitembed.packs import iter_packed
+
+    return list(iter_packed(out))
+
+
+def test_index_that_cannot_be_appended_warns_exits_1_and_the_next_run_indexes_the_parts(tmp_path, small_ckpt, monkeypatch):
+    import vitembed
+    from vitembed import packs
+
+    src, out = _folder(tmp_path / "in", good=3), tmp_path / "out"
+    real = packs.append_index
+
+    def failing(out_dir, entries):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(packs, "append_index", failing)
+    summary = vitembed.encode([str(src)], out, encoder=_encoder(small_ckpt), pack=2)
+    assert summary.encoded == 3 and summary.log_errors and "cannot append to index.jsonl" in summary.log_errors[0]
+    monkeypatch.setattr(packs, "append_index", real)
+    assert len(_iter(out)) == 3  # the reader takes the unindexed parts from their own keys
+    again = vitembed.encode([str(src)], out, encoder=_encoder(small_ckpt), pack=2)
+    assert (again.encoded, again.skipped, again.log_errors) == (0, 3, [])
+    assert len(_index(out)) == 3
+
+
+def test_resuming_a_stopped_overwrite_redoes_only_what_is_left(tmp_path, small_ckpt):
+    src, out = _folder(tmp_path / "in", good=6), tmp_path / "out"
+    (src / "img03b.jpg").write_text("not a jpeg")  # sorts in the middle: --fail-fast stops there
+    base = ("encode", str(src), "--out", str(out), "--weights", str(small_ckpt), "--pack", "2", "--batch-size", "1")
+    assert run_cli(*base).returncode == 1
+    stopped = run_cli(*base, "--layer", "1", "--overwrite", "--fail-fast")
+    assert stopped.returncode == 1 and _summary(stopped.stderr).startswith("encoded 4, skipped 0, failed 1")
+    lines = len(_index(out))
+    resumed = run_cli(*base, "--layer", "1")
+    assert resumed.returncode == 1, resumed.stderr.decode()
+    assert _summary(resumed.stderr).startswith("encoded 2, skipped 4, failed 1")
+    assert len(_index(out)) == lines + 3  # two rows and one failure: nothing re-indexed, nothing redone
+    with safe_open(str(out / sorted(p.name for p in out.glob("part-*"))[0]), "numpy") as f:
+        assert f.metadata()["layer"] == "1"  # the old parts were removed at the end
+
+
+def test_overwrite_whose_writes_fail_keeps_the_dir_marked_unfinished(tmp_path, small_ckpt, monkeypatch):
+    import vitembed
+    from vitembed import pipeline
+    from vitembed.writers import read_dir_state
+
+    src, out = _folder(tmp_path / "in", good=2), tmp_path / "out"
+    vitembed.encode([str(src)], out, encoder=_encoder(small_ckpt))
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "write_embedding", full)
+    summary = vitembed.encode([str(src)], out, encoder=_encoder(small_ckpt, layer="1"), overwrite=True)
+    assert (summary.encoded, summary.failed, summary.write_failed) == (0, 2, 2)
+    assert read_dir_state(out).overwrite_started is not None  # a plain re-run may still finish it
+
+
+@pytest.mark.parametrize("first, second", [(("--pack", "3"), ()), ((), ("--pack", "3"))])
+def test_layouts_do_not_mix_even_when_the_settings_file_is_lost(tmp_path, small_ckpt, first, second):
+    src, out = _folder(tmp_path / "in", good=2), tmp_path / "out"
+    assert run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt), *first).returncode == 0
+    (out / "vitembed.json").unlink()
+    r = run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt), *second)
+    assert r.returncode == 2 and "layout" in r.stderr.decode() and "made with other settings" in r.stderr.decode()
+
+
+def test_iter_packed_refuses_what_is_not_a_whole_packed_dir(tmp_path, small_ckpt):
+    from vitembed.errors import UsageError
+
+    with pytest.raises(UsageError, match="holds no packed outputs"):
+        _iter(tmp_path / "nothing")
+    src, out = _folder(tmp_path / "in", good=2), tmp_path / "out"
+    assert run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt), "--pack", "2").returncode == 0
+    with open(out / "index.jsonl", "a") as f:
+        f.write(json.dumps({"key": "img00.jpg", "source": "x", "part": "part-00000.safetensors", "row": 5, "status": "encoded"}) + "\n")
+        f.write(json.dumps({"key": "zz", "source": "y", "part": ["a"], "row": 0, "status": "encoded"}) + "\n")
+    with pytest.raises(UsageError, match="2 rows are not where it says"):
+        _iter(out)
+    r = run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt), "--pack", "2")
+    assert r.returncode == 0 and _summary(r.stderr).startswith("encoded 1, skipped 1"), r.stderr.decode()
+
+
+def test_index_that_is_a_fifo_is_refused_not_waited_on(tmp_path, small_ckpt):
+    src, out = _folder(tmp_path / "in", good=1), tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "index.jsonl")
+    r = run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt), "--pack", "2")
+    assert r.returncode == 2 and "not a regular file" in r.stderr.decode()
+
+
+def test_closed_stdout_exits_141_and_keeps_the_rows(tmp_path, small_ckpt):
+    src, out = _folder(tmp_path / "in", good=6), tmp_path / "out"
+    env = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitembed", "encode", str(src), "--out", str(out), "--weights", str(small_ckpt),
+         "--pack", "4", "--batch-size", "1", "--json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    proc.stdout.readline()
+    proc.stdout.close()  # as `| head -1` does
+    proc.wait(timeout=300)
+    assert proc.returncode == 141, proc.stderr.read().decode()
+    assert 4 <= len(_iter(out)) <= 6
+
+
+def test_float16_overflow_is_reported(tmp_path):
+    from safetensors.torch import load_file as load_torch, save_file
+
+    from .conftest import save_vit
+
+    ckpt = save_vit(tmp_path / "ckpt")
+    weights = load_torch(ckpt / "model.safetensors")
+    weights["layernorm.weight"] = weights["layernorm.weight"] * 1e6  # outputs far beyond float16's 65504
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    src = _folder(tmp_path / "in", good=2)
+    r = run_cli("encode", str(src), "--out", str(tmp_path / "out"), "--weights", str(ckpt), "--save-dtype", "float16")
+    assert r.returncode == 0
+    assert "warning: 2 embeddings hold Inf or NaN values (--save-dtype float16 overflow?" in r.stderr.decode()
+
+
+def test_list_with_pack_prints_index_keys(tmp_path):
+    src = _folder(tmp_path / "in", good=2)
+    r = run_cli("encode", str(src), "--out", str(tmp_path / "out"), "--list", "--pack", "5")
+    assert r.stdout.decode().splitlines() == [f"{src / 'img00.jpg'}\timg00.jpg", f"{src / 'img01.jpg'}\timg01.jpg"]
+
+
+def test_ctrl_c_while_compiling_stays_ctrl_c(monkeypatch, small_ckpt):
+    def compile_interrupted(model, **kwargs):
+        def run(x, layers):
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as e:
+                raise RuntimeError("backend compiler failed") from e
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_interrupted)
+    encoder = _encoder(small_ckpt, compile=True)
+    with pytest.raises(KeyboardInterrupt):
+        encoder(np.zeros((1, 32, 32, 3), dtype=np.uint8))

@@ -52,6 +52,27 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class SaveDType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class _StdoutClosed(Exception):
+    """stdout was closed by its reader (``| head``). Not an OSError, so that click does not turn it
+    into exit 1: ``main`` exits 141, as a process killed by SIGPIPE does."""
+
+
+def _out(text: str, flush: bool = False) -> None:
+    """Machine output on stdout."""
+    try:
+        sys.stdout.write(text)
+        if flush:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        raise _StdoutClosed() from None
+
+
 def _stderr(quiet: bool = False) -> Console:
     return Console(stderr=True, quiet=quiet, highlight=False, soft_wrap=True)
 
@@ -119,8 +140,8 @@ def encode(
         DType, typer.Option(help="Compute precision; auto: bfloat16 on CUDA devices that support it, float32 elsewhere.")
     ] = DType.auto,
     save_dtype: Annotated[
-        DType, typer.Option(help="Precision of the saved embeddings (float16/bfloat16 halve the disk).")
-    ] = DType.float32,
+        SaveDType, typer.Option(help="Precision of the saved embeddings (float16/bfloat16 halve the disk).")
+    ] = SaveDType.float32,
     compile: Annotated[
         bool, typer.Option("--compile", help="Run the model through torch.compile (falls back to eager with a warning).")
     ] = False,
@@ -155,10 +176,10 @@ def encode(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per input on stdout.")] = False,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No panel, progress or summary on stderr (warnings and errors stay).")
+        bool, typer.Option("--quiet", "-q", help="No panel or progress on stderr (warnings, errors and the summary line stay).")
     ] = False,
 ) -> None:
-    """Encode images into one embedding file per image under --out."""
+    """Encode images into embeddings under --out: one file per image, or N per file with --pack N."""
     from .errors import UsageError, printable
     from .inputs import plan_jobs, read_path_list
     from .writers import check_format, check_out_dir
@@ -177,9 +198,16 @@ def encode(
         stdin_paths = read_path_list(sys.stdin.buffer, null_separated=null)
         inputs = [i for i in inputs if i != "-"]
     warnings.showwarning = _show_warning
+    import signal
+
+    terminated: list[bool] = []
+
+    def on_sigterm(signum, frame) -> None:  # stop as Ctrl-C does: whole outputs, the counts, resumable
+        terminated.append(True)
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        if save_dtype == DType.auto:
-            raise UsageError("--save-dtype auto: expected float32, bfloat16 or float16")
         if pack is not None and fmt != Format.safetensors:
             raise UsageError("--pack writes safetensors part files; it cannot be used with --format npy")
         check_format(fmt.value, save_dtype.value)
@@ -188,7 +216,7 @@ def encode(
         if shard is not None:
             plan = plan.shard(*_parse_shard(shard))
         if list_only:
-            _print_plan(plan, as_json)
+            _print_plan(plan, as_json, pack)
             if plan.problems:
                 raise typer.Exit(1)
             return
@@ -242,13 +270,12 @@ def encode(
                     if result.output is not None:
                         line["output"] = printable(result.output)
                     if result.row is not None:
-                        line["row"] = result.row
+                        line.update(key=result.key, row=result.row)
                     if result.error is not None:
                         line.update(error_kind=result.error.kind, error=result.error.reason)
                     if result.reason is not None:
                         line["reason"] = result.reason
-                    sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
-                    sys.stdout.flush()
+                    _out(json.dumps(line, ensure_ascii=False) + "\n", flush=True)
                 progress.advance()
 
             summary = pipeline.encode_jobs(
@@ -265,25 +292,38 @@ def encode(
             )
     except VitembedError as e:
         raise _fail(str(e), e.exit_code) from None
-    except KeyboardInterrupt:
-        raise _fail("interrupted; the outputs already written are complete", 130) from None
+    except KeyboardInterrupt as e:
+        code = 143 if isinstance(e, _Terminated) else 130
+        raise _fail("interrupted; the outputs already written are complete", code) from None
     for problem in dict.fromkeys(summary.log_errors):
         _stderr().print(f"warning: {problem}", markup=False)
+    if summary.nonfinite:
+        _stderr().print(
+            f"warning: {summary.nonfinite} embeddings hold Inf or NaN values"
+            + (f" (--dtype {encoder.dtype_name} overflow? try --dtype float32)" if encoder.dtype_name == "float16" else "")
+            + (" (--save-dtype float16 overflow? try float32 or bfloat16)" if save_dtype == SaveDType.float16 else ""),
+            markup=False,
+        )
     if summary.failed and not summary.log_errors:
         err.print(f"failures are listed in {printable(out / 'failures.jsonl')}", markup=False)
     if summary.stopped:
         err.print("stopped at the first failure (--fail-fast)", markup=False)
     if summary.interrupted:
-        _stderr().print("interrupted: the outputs already written are complete; run again to resume", markup=False)
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
+        _stderr().print(f"{how}: the outputs already written are complete; run again to resume", markup=False)
     _stderr().print(  # the last line, even under --quiet: the counts a batch log needs
         f"encoded {summary.encoded}, skipped {summary.skipped}, failed {summary.failed} in {summary.seconds:.1f} s "
         f"({summary.images_per_second:.1f} images/s) -> {printable(out)}",
         markup=False,
     )
     if summary.interrupted:
-        raise typer.Exit(130)
-    if summary.failed:
+        raise typer.Exit(143 if terminated else 130)
+    if summary.failed or summary.log_errors:  # a log or index that could not be written: not all good
         raise typer.Exit(1)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's time limit or scancel), handled as Ctrl-C is."""
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -335,15 +375,14 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
-def _print_plan(plan, as_json: bool) -> None:
-    """``--list``: one line per planned input on stdout (source TAB output, or JSON)."""
+def _print_plan(plan, as_json: bool, pack: int | None = None) -> None:
+    """``--list``: one line per planned input on stdout: source TAB output, or with ``--pack``
+    source TAB its key in index.jsonl (JSON: ``{"source", "output"}`` or ``{"source", "key"}``)."""
     from .errors import printable
 
     for job in plan.jobs:
-        if as_json:
-            sys.stdout.write(json.dumps({"source": printable(job.source), "output": printable(job.output)}) + "\n")
-        else:
-            sys.stdout.write(f"{printable(job.source)}\t{printable(job.output)}\n")
+        name, where = ("key", printable(job.relpath)) if pack else ("output", printable(job.output))
+        _out(json.dumps({"source": printable(job.source), name: where}) + "\n" if as_json else f"{printable(job.source)}\t{where}\n")
     for problem in plan.problems:
         _stderr().print(f"failed: {problem}", markup=False)
 
@@ -371,7 +410,7 @@ def inspect(
             _stderr().print(f"error: {printable(file)}: cannot inspect: {type(e).__name__}: {e}", markup=False)
             continue
         if as_json:
-            sys.stdout.write(json.dumps(info, ensure_ascii=False) + "\n")
+            _out(json.dumps(info, ensure_ascii=False) + "\n")
             continue
         out.print(f"{info['path']} ({info['format']})", markup=False)
         for t in info["tensors"]:
@@ -419,7 +458,7 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="One JSON object
             "description": spec.description,
         }
         if as_json:
-            sys.stdout.write(json.dumps(row) + "\n")
+            _out(json.dumps(row) + "\n")
         else:
             typer.echo(
                 f"{spec.name:<34} {spec.family:<5} {spec.variant:<6} {cfg.num_tokens}x{cfg.hidden_size:<5} "
@@ -432,7 +471,7 @@ def main() -> None:
     """Console-script entry point."""
     try:
         app()
-    except BrokenPipeError:  # `vitembed ... --json | head`: stop quietly, as SIGPIPE would (128 + 13)
+    except (BrokenPipeError, _StdoutClosed):  # `vitembed ... --json | head`: stop quietly, as SIGPIPE would (128 + 13)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(141)

@@ -31,9 +31,20 @@ def _bf16_tensor(path: str, name: str) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
 
 
-def tensor_stats(array: np.ndarray) -> dict[str, Any]:
+def load_tensor(path: str, name: str) -> np.ndarray:
+    """One tensor of a safetensors file as a numpy array; bfloat16 becomes float32 (exactly)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        if f.get_slice(name).get_dtype() != "BF16":
+            return f.get_tensor(name)
+    return _bf16_tensor(path, name)
+
+
+def tensor_stats(array: np.ndarray, packed: bool = False) -> dict[str, Any]:
     """min, max, mean, std over finite values (float64 accumulation), NaN and Inf counts,
-    and the L2 norm of token 0 (the first row; the whole vector for a 1-D array).
+    and the L2 norm of token 0 (the first row; the whole vector for a 1-D array) of the
+    embedding: with ``packed`` (a part file's (rows, ...) tensor), of its first row's.
 
     Values that cannot be computed (empty or non-numeric arrays, overflow) are None.
     """
@@ -43,7 +54,8 @@ def tensor_stats(array: np.ndarray) -> dict[str, Any]:
     with np.errstate(all="ignore"):
         values = array.astype(np.float64, copy=False)
         finite = values[np.isfinite(values)]
-        first = values[0] if values.ndim >= 2 else values
+        first = values[0] if packed else values
+        first = first[0] if first.ndim >= 2 else first
         stats = {
             "min": finite.min() if finite.size else None,
             "max": finite.max() if finite.size else None,
@@ -92,5 +104,5 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as e:
         raise InputError(name, "unreadable", f"not a readable safetensors or npy file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     for t in tensors:
-        t["stats"] = tensor_stats(np.asarray(t.pop("array")))
+        t["stats"] = tensor_stats(np.asarray(t.pop("array")), packed=t["name"] == "embeddings" and metadata.get("layout") == "packed")
     return {"path": printable(name), "format": fmt, "metadata": metadata, "tensors": tensors}

@@ -257,7 +257,7 @@ class VisionTransformer(nn.Module):
             the last block's output, as its reference has it).
         """
         wanted = {name: layer_index(name, self.cfg.depth) for name in layers}
-        deepest = max(wanted.values(), default=0)
+        deepest = max(wanted.values()) if wanted else 0  # (no max(default=): torch.compile traces this)
         keep = set(wanted.values())
         states: dict[int, torch.Tensor] = {}
         x = self.embed(pixel_values)  # (B, T, D)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,9 @@ def append_index(out_dir: Path, entries: Iterable[dict]) -> None:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":  # a line torn by a crash: do not glue ours onto it
             text = "\n" + text
-        os.write(fd, text.encode())
+        data = text.encode()
+        if os.write(fd, data) != len(data):  # a short write: the disk is full or a size limit was hit
+            raise OSError(28, "short write (no space left?)")
     finally:
         os.close(fd)
 
@@ -84,6 +87,8 @@ def _index_entries(out_dir: Path) -> Iterator[dict]:
 
     path = Path(out_dir) / INDEX_FILE
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block for ever
+            raise UsageError(f"cannot read {printable(path)}: not a regular file")
         f = open(path, encoding="utf-8", errors="surrogateescape")
     except FileNotFoundError:
         return
@@ -130,10 +135,11 @@ def read_part(path: Path) -> PartInfo:
         return PartInfo(False)
 
 
-def recover_parts(out_dir: Path, index: dict[str, dict]) -> dict[str, dict]:
-    """Index the complete parts in DIR that no index entry names (a job killed between
-    writing a part and appending its lines); returns the index with them added."""
-    named = {e.get("part") for e in index.values()}
+def recover_parts(out_dir: Path, index: dict[str, dict], write: bool = True) -> dict[str, dict]:
+    """Index the complete parts in DIR that no line of the index ever named (a job killed
+    between writing a part and appending its lines, or an index that could not be written);
+    returns the index with their rows added. ``write``: append their lines to the index too."""
+    named = indexed_parts(out_dir)
     try:
         names = sorted(n for n in os.listdir(out_dir) if _PART.match(n) and n not in named)
     except FileNotFoundError:
@@ -146,10 +152,11 @@ def recover_parts(out_dir: Path, index: dict[str, dict]) -> dict[str, dict]:
             {"key": k, "source": s, "part": name, "row": row, "status": "encoded"}
             for row, (k, s) in enumerate(zip(info.keys, info.sources))
         ]
-        try:
-            append_index(out_dir, entries)
-        except OSError:
-            pass  # still counted as done for this run; the next run tries again
+        if write:
+            try:
+                append_index(out_dir, entries)
+            except OSError:
+                pass  # still counted as done for this run; the next run tries again
         for e in entries:
             index[e["key"]] = e
     return index
@@ -201,12 +208,17 @@ class PackWriter:
         self.pending.append((key, source, embedding))
         return len(self.pending) >= self.rows
 
-    def flush(self) -> tuple[list[tuple[str, str]], str | None, OSError | None]:
+    def flush(self) -> tuple[list[tuple[str, str]], str | None, OSError | None, OSError | None]:
         """Write the queued embeddings as the next part and append their index lines.
 
+        The part gets the next free name: a name another process took meanwhile (two
+        runs into one DIR) is never overwritten (``atomic_write(exclusive=True)``).
+
         Returns:
-            ((key, source) of each row, the part's file name, None) when written;
-            (the same rows, None, the OSError) when the part could not be written
+            ((key, source) of each row, the part's file name, None, index error) when
+            written; the index error (an OSError, else None) says the index lines could
+            not be appended (the part names its rows: the next run indexes it).
+            (the same rows, None, the OSError, None) when the part could not be written
             (the rows are then not on disk; the caller reports them as failed).
         """
         import torch
@@ -214,41 +226,75 @@ class PackWriter:
 
         rows, self.pending = self.pending, []
         if not rows:
-            return [], None, None
+            return [], None, None, None
         keys = [k for k, _, _ in rows]
         sources = [s for _, s, _ in rows]
-        name = f"{self.prefix}{self.number:05d}.safetensors"
         meta = {**self.metadata, "rows": str(len(rows)), "keys": json.dumps(keys), "sources": json.dumps(sources)}
         try:
-            data = save({PACK_TENSOR: torch.stack([e for _, _, e in rows])}, metadata=meta)
-            atomic_write(self.out_dir / name, *_canonical_header(data))
+            chunks = _canonical_header(save({PACK_TENSOR: torch.stack([e for _, _, e in rows])}, metadata=meta))
+            while True:
+                name = f"{self.prefix}{self.number:05d}.safetensors"
+                self.number += 1
+                try:
+                    atomic_write(self.out_dir / name, *chunks, exclusive=True)
+                    break
+                except FileExistsError:
+                    continue  # another run into this DIR took the name: take the next one
         except OSError as e:
-            return list(zip(keys, sources)), None, e
-        self.number += 1
+            return list(zip(keys, sources)), None, e, None
         entries = [
             {"key": k, "source": s, "part": name, "row": row, "status": "encoded"}
             for row, (k, s) in enumerate(zip(keys, sources))
         ]
         try:
             append_index(self.out_dir, entries)
-        except OSError:
-            pass  # the part is whole and names its rows: the next run indexes it (recover_parts)
-        return list(zip(keys, sources)), name, None
+        except OSError as e:
+            return list(zip(keys, sources)), name, None, e
+        return list(zip(keys, sources)), name, None, None
 
 
 def iter_packed(out_dir: str | os.PathLike) -> Iterator[tuple[str, str, object]]:
     """(key, source, embedding) for every encoded input of a packed DIR, part by part.
 
-    Embeddings are numpy arrays (safetensors' numpy reader; bfloat16 parts need
-    torch: read those with ``safetensors.torch.load_file``).
-    """
-    from safetensors.numpy import load_file
+    Embeddings are numpy arrays in the saved dtype (bfloat16 parts as float32:
+    numpy has no bfloat16; the values are exact). Parts the index never named
+    are read from their own ``keys`` (as the next ``encode`` would index them).
+    Every row is checked against its part's ``keys`` before anything is yielded.
 
+    Raises:
+        UsageError: DIR holds no packed outputs, or the index names rows that are
+            not in their parts (re-run the same ``encode`` to redo them).
+    """
+    from .errors import UsageError, printable
+    from .inspect import load_tensor
+
+    out_dir = Path(out_dir)
+    index = recover_parts(out_dir, read_index(out_dir), write=False)
+    encoded = [e for e in index.values() if e.get("status") == "encoded"]
+    if not encoded and not (out_dir / INDEX_FILE).is_file():
+        raise UsageError(f"{printable(out_dir)} holds no packed outputs (no {INDEX_FILE}, no part files)")
     by_part: dict[str, list[dict]] = {}
-    for entry in read_index(Path(out_dir)).values():
-        if entry.get("status") == "encoded":
-            by_part.setdefault(entry["part"], []).append(entry)
+    bad: list[dict] = []
+    infos: dict[str, PartInfo] = {}
+    for entry in encoded:
+        part, row = entry.get("part"), entry.get("row")
+        if not isinstance(part, str) or not _PART.match(part) or not isinstance(row, int):
+            bad.append(entry)
+            continue
+        if part not in infos:
+            infos[part] = read_part(out_dir / part)
+        keys = infos[part].keys or []
+        if not infos[part].complete or not 0 <= row < len(keys) or keys[row] != entry["key"]:
+            bad.append(entry)
+            continue
+        by_part.setdefault(part, []).append(entry)
+    if bad:
+        first = bad[0]
+        raise UsageError(
+            f"{printable(out_dir / INDEX_FILE)}: {len(bad)} rows are not where it says (first: {first.get('key')!r} "
+            f"in {first.get('part')!r} row {first.get('row')!r}); run the same encode again to redo them"
+        )
     for part in sorted(by_part):
-        tensor = load_file(str(Path(out_dir) / part))[PACK_TENSOR]
+        tensor = load_tensor(str(out_dir / part), PACK_TENSOR)
         for entry in sorted(by_part[part], key=lambda e: e["row"]):
             yield entry["key"], entry["source"], tensor[entry["row"]]

@@ -34,7 +34,18 @@ from .errors import DeviceError, InputError, UsageError, VitembedWarning, printa
 from .inputs import Job, Plan
 from .decode import DecodeOptions
 from .model import VisionTransformer, pack_for_cpu
-from .packs import PackWriter, PartInfo, append_index, part_prefix, read_index, read_part, recover_parts, remove_dead_parts
+from .packs import (
+    INDEX_FILE,
+    PackWriter,
+    PartInfo,
+    append_index,
+    indexed_parts,
+    part_prefix,
+    read_index,
+    read_part,
+    recover_parts,
+    remove_dead_parts,
+)
 from .preprocess import load_pixels, normalize, normalize_stats
 from .weights import ResolvedWeights, build_model, resolve_weights
 from .writers import (
@@ -168,9 +179,10 @@ class Encoder:
         self.dtype = parse_dtype(self.dtype_name)
         self.save_dtype = parse_dtype(save_dtype, "--save-dtype")
         if self.device.type == "cpu" and not _cpu_has_fast(self.dtype):
+            needs = "AVX512-BF16 or AMX" if self.dtype == torch.bfloat16 else "AMX-FP16"
             warnings.warn(
                 f"--dtype {self.dtype_name} on a CPU without {self.dtype_name} matrix instructions "
-                "(AVX512-BF16 or AMX): it runs several times slower than float32 here",
+                f"({needs}): it runs several times slower than float32 here",
                 VitembedWarning,
                 stacklevel=2,
             )
@@ -228,6 +240,11 @@ class Encoder:
             try:
                 return self._compiled(x, layers=(self.layer,))[self.layer][:rows]
             except Exception as e:  # compilers fail in many ways: eager always works
+                cause: BaseException | None = e
+                while cause is not None:  # Ctrl-C while compiling arrives wrapped: it stays Ctrl-C
+                    if isinstance(cause, KeyboardInterrupt):
+                        raise KeyboardInterrupt from e
+                    cause = cause.__cause__ or cause.__context__
                 first_line = (str(e).strip().splitlines() or [""])[0][:200]
                 warnings.warn(
                     f"--compile: torch.compile failed ({type(e).__name__}: {first_line}); running eager",
@@ -271,6 +288,7 @@ class Encoder:
             "std": ",".join(repr(float(v)) for v in pre.std),
             "dtype": self.dtype_name,
             "save_dtype": self.save_dtype_name,
+            "compile": "true" if self.compiled else "false",
         }
         if w.random:
             meta["seed"] = str(w.seed)
@@ -287,7 +305,8 @@ class Result:
 
     ``status`` is ``encoded`` (``output`` written), ``failed`` (``error`` says
     why) or ``skipped`` (``reason`` says why, e.g. the same file given twice).
-    With ``--pack``, ``output`` is the part file and ``row`` the input's row in it.
+    With ``--pack``, ``output`` is the part file, ``row`` the input's row in it
+    and ``key`` its key in ``DIR/index.jsonl``.
     """
 
     source: str
@@ -296,6 +315,7 @@ class Result:
     error: InputError | None = None
     reason: str | None = None
     row: int | None = None
+    key: str | None = None
 
 
 @dataclass
@@ -305,7 +325,9 @@ class Summary:
     ``skipped`` counts inputs already done and files named twice; ``stopped``
     is True when ``fail_fast`` ended the run at a failure, ``interrupted`` when
     Ctrl-C (KeyboardInterrupt) did. ``log_errors`` says why lines could not be
-    appended to ``DIR/failures.jsonl``. Per-input results go to ``on_result``
+    appended to ``DIR/failures.jsonl`` or ``DIR/index.jsonl``; ``write_failed`` counts
+    outputs that could not be written, ``nonfinite`` embeddings holding Inf or NaN
+    (float16 overflow). Per-input results go to ``on_result``
     as they happen and are not kept, so memory does not grow with the number of inputs.
     """
 
@@ -316,14 +338,12 @@ class Summary:
     stopped: bool = False
     interrupted: bool = False
     log_errors: list[str] = field(default_factory=list)
+    write_failed: int = 0
+    nonfinite: int = 0
 
     @property
     def images_per_second(self) -> float:
         return self.encoded / self.seconds if self.seconds > 0 else 0.0
-
-
-class _Stop(Exception):
-    """Ends a run early under ``fail_fast``."""
 
 
 def usable_cores() -> int:
@@ -393,6 +413,8 @@ class _FileSink:
             return [Result(job.source, "failed", error=error)]
         return [Result(job.source, "encoded", output=str(job.output))]
 
+    index_errors: list[str] = []
+
     def failed(self, job: Job, error: InputError) -> None:
         pass
 
@@ -401,32 +423,43 @@ class _FileSink:
 
 
 class _PackSink:
-    """The packed layout (``--pack N``): N embeddings per part file, plus ``index.jsonl`` (packs.py)."""
+    """The packed layout (``--pack N``): N embeddings per part file, plus ``index.jsonl`` (packs.py).
+
+    Keys are ``printable(job.relpath)``: JSON text, also for file names that are not UTF-8.
+    ``index_errors`` collects why index lines could not be appended.
+    """
 
     def __init__(self, out_dir: Path, rows: int, shard: tuple[int, int] | None, metadata: dict[str, str]):
         self.out_dir = out_dir
         self.writer = PackWriter(out_dir, rows, part_prefix(shard), metadata)
         self.jobs: dict[str, Job] = {}
+        self.index_errors: list[str] = []
 
     def put(self, job: Job, embedding: torch.Tensor) -> list[Result]:
-        self.jobs[job.relpath] = job
-        return self.close() if self.writer.add(job.relpath, printable(job.source), embedding) else []
+        key = printable(job.relpath)
+        self.jobs[key] = job
+        return self.close() if self.writer.add(key, printable(job.source), embedding) else []
 
     def failed(self, job: Job, error: InputError) -> None:
-        entry = {"key": job.relpath, "source": printable(job.source), "part": None, "row": None,
+        entry = {"key": printable(job.relpath), "source": printable(job.source), "part": None, "row": None,
                  "status": "failed", "error_kind": error.kind, "error": error.reason}
         try:
             append_index(self.out_dir, [entry])
-        except OSError:
-            pass  # failures.jsonl has it too; a missing line only means "not done", which is true
+        except OSError as e:  # failures.jsonl has it too; a missing line only means "not done", which is true
+            self.index_errors.append(f"cannot append to {INDEX_FILE}: {e.strerror or e}")
 
     def close(self) -> list[Result]:
-        rows, part, error = self.writer.flush()
+        rows, part, error, index_error = self.writer.flush()
+        if index_error is not None:
+            self.index_errors.append(
+                f"cannot append to {INDEX_FILE}: {index_error.strerror or index_error}; the part files are whole "
+                "and the next run of the same command indexes them"
+            )
         results = []
         for row, (key, _) in enumerate(rows):
             job = self.jobs.pop(key)
             if error is None:
-                results.append(Result(job.source, "encoded", output=str(self.out_dir / part), row=row))
+                results.append(Result(job.source, "encoded", output=str(self.out_dir / part), row=row, key=key))
             else:
                 reason = f"cannot write a part file in {printable(self.out_dir)}: {error.strerror or error}"
                 results.append(Result(job.source, "failed", error=InputError(job.source, "write-failed", reason)))
@@ -442,6 +475,7 @@ class _WriteStage:
         self.handle, self.finish = handle, close
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self.closing = False
         self.thread = threading.Thread(target=self._run, name="vitembed-write", daemon=True)
         self.thread.start()
 
@@ -461,10 +495,13 @@ class _WriteStage:
         self.queue.put((chunk, embeddings))
 
     def close(self) -> None:
-        """Wait for the queued batches and the last part; re-raise the stage's first error."""
-        self.queue.put(None)
+        """Wait for the queued batches and the last part; re-raise the stage's first error.
+        Safe to call again (after a Ctrl-C that arrived while waiting)."""
+        if not self.closing:
+            self.closing = True
+            self.queue.put(None)
         self.thread.join()
-        if self.error is not None and not isinstance(self.error, _Stop):
+        if self.error is not None:
             raise self.error
 
 
@@ -542,6 +579,8 @@ def encode_jobs(
     def report(result: Result) -> None:
         setattr(summary, result.status, getattr(summary, result.status) + 1)
         if result.error is not None:
+            if result.error.kind == "write-failed":
+                summary.write_failed += 1
             try:
                 append_failure(out_dir, result.source, result.error.kind, result.error.reason, run_id)
             except OSError as e:  # the log is a convenience: losing it must not lose the run
@@ -549,12 +588,15 @@ def encode_jobs(
         if on_result is not None:
             on_result(result)
         if fail_fast and result.status == "failed":
-            summary.stopped = True
-            raise _Stop
+            summary.stopped = True  # the results at hand are still reported; nothing new is started
 
     def write_batch(chunk: list[tuple[Job, np.ndarray | InputError]], embeddings: torch.Tensor | None) -> None:
+        if embeddings is not None and embeddings.is_floating_point():
+            summary.nonfinite += int((~torch.isfinite(embeddings.reshape(len(embeddings), -1)).all(dim=1)).sum())
         rows = iter(embeddings) if embeddings is not None else iter(())  # (T, D) each
         for job, item in chunk:
+            if summary.stopped:
+                return
             if isinstance(item, InputError):
                 sink.failed(job, item)
                 report(Result(job.source, "failed", error=item))
@@ -564,37 +606,41 @@ def encode_jobs(
 
     def finish() -> None:  # the last, partly filled part: what was computed is kept, also after Ctrl-C
         for result in sink.close():
-            try:
-                report(result)
-            except _Stop:
-                pass
+            report(result)
 
     def load(path: str) -> np.ndarray:
         return load_pixels(path, pre, decode)
 
     writer: _WriteStage | None = None
     try:
-        for problem in plan.problems:
-            report(Result(problem.path, "failed", error=problem))
-        for source, first in plan.duplicates:
-            report(Result(source, "skipped", reason=f"same file as {printable(first)}"))
-        for result in already:
-            report(result)
-        writer = _WriteStage(write_batch, finish)
-        decoded = decode_stage(todo, load, workers, lookahead=2 * batch_size)
-        for chunk in batch_stage(decoded, batch_size):
-            if writer.error is not None:
+        for result in [
+            *(Result(problem.path, "failed", error=problem) for problem in plan.problems),
+            *(Result(source, "skipped", reason=f"same file as {printable(first)}") for source, first in plan.duplicates),
+            *already,
+        ]:
+            if summary.stopped:
                 break
-            images = [item for _, item in chunk if not isinstance(item, InputError)]
-            writer.put(chunk, encoder(np.stack(images)) if images else None)  # (B, T, D)
-        writer.close()
-        writer = None
-        if isinstance(sink, _PackSink) and state.overwrite_started is not None and not summary.stopped:
-            remove_dead_parts(out_dir)
-        if state.overwrite_started is not None and not summary.stopped:  # DIR holds one set of settings
-            write_dir_state(out_dir, DirState(settings))
-    except _Stop:
-        pass
+            report(result)
+        if not summary.stopped:
+            writer = _WriteStage(write_batch, finish)
+            decoded = decode_stage(todo, load, workers, lookahead=2 * batch_size)
+            for chunk in batch_stage(decoded, batch_size):
+                if writer.error is not None or summary.stopped:
+                    break
+                images = [item for _, item in chunk if not isinstance(item, InputError)]
+                writer.put(chunk, encoder(np.stack(images)) if images else None)  # (B, T, D)
+            writer.close()
+            writer = None
+        # An --overwrite is over when every input went through and was written: DIR then holds one set of
+        # settings. Not for a shard (the others may still be redoing theirs), nor after a stop or write failure.
+        finished = not summary.stopped and summary.write_failed == 0 and plan.sharded is None
+        if state.overwrite_started is not None and finished:
+            if isinstance(sink, _PackSink):
+                remove_dead_parts(out_dir)
+            try:
+                write_dir_state(out_dir, DirState(settings))
+            except UsageError as e:  # the outputs are whole; the next run finishes the bookkeeping
+                summary.log_errors.append(str(e))
     except KeyboardInterrupt:  # Ctrl-C: the outputs written so far are complete; report what was done
         summary.interrupted = True
     finally:
@@ -603,6 +649,7 @@ def encode_jobs(
                 writer.close()
             except KeyboardInterrupt:
                 summary.interrupted = True
+        summary.log_errors.extend(dict.fromkeys(sink.index_errors))
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -629,7 +676,14 @@ def scan_packs(
     todo: list[Job] = []
     done: list[Result] = []
     for job in plan.jobs:
-        entry = index.get(job.relpath)
+        key = printable(job.relpath)
+        try:  # a per-image output of this input: the other layout, refused like other settings
+            status, theirs, _ = read_output(job.output, "safetensors")
+        except OSError:
+            status, theirs = "missing", None
+        if status == "complete" and theirs is not None and theirs != settings and redoing is None:
+            raise settings_conflict(f"{printable(job.output)} was", settings, theirs)
+        entry = index.get(key)
         if entry is None or entry.get("status") != "encoded" or not isinstance(entry.get("part"), str):
             todo.append(job)
             continue
@@ -642,14 +696,14 @@ def scan_packs(
                 parts[name] = (PartInfo(False), 0.0)
         info, mtime = parts[name]
         row = entry.get("row")
-        if not info.complete or not isinstance(row, int) or not 0 <= row < len(info.keys or ()) or info.keys[row] != job.relpath:
+        if not info.complete or not isinstance(row, int) or not 0 <= row < len(info.keys or ()) or info.keys[row] != key:
             todo.append(job)  # the part is gone, torn, or does not hold this input where the index says
         elif info.settings != settings or (redoing is not None and mtime < redoing):
             if redoing is None:
                 raise settings_conflict(f"{printable(out_dir / name)} was", settings, info.settings or {})
             todo.append(job)
         else:
-            done.append(Result(job.source, "skipped", output=str(out_dir / name), reason="already done", row=row))
+            done.append(Result(job.source, "skipped", output=str(out_dir / name), reason="already done", row=row, key=key))
     return todo, done
 
 
@@ -675,6 +729,11 @@ def scan_outputs(
     if state.settings is not None and state.settings != settings:
         raise settings_conflict(f"{printable(plan.out_dir)} holds outputs", settings, state.settings)
     redoing = state.overwrite_started
+    if redoing is None:  # part files of --pack: the other layout, refused like other settings
+        for part in sorted(indexed_parts(Path(plan.out_dir)))[:1]:
+            info = read_part(Path(plan.out_dir) / part)
+            if info.complete and info.settings != settings:
+                raise settings_conflict(f"{printable(Path(plan.out_dir) / part)} was", settings, info.settings or {})
     todo: list[Job] = []
     done: list[Result] = []
     for job in plan.jobs:
@@ -775,6 +834,8 @@ def encode(
 
     if encoder is None:
         encoder = load_encoder(**encoder_options)
+    elif encoder_options:  # they would be ignored: say so instead
+        raise UsageError(f"encode(): {', '.join(sorted(encoder_options))} cannot be given with encoder= (pass them to load_encoder)")
     plan = plan_jobs(list(inputs), out_dir, fmt, stdin_paths)
     if shard is not None:
         plan = plan.shard(*shard)

@@ -56,8 +56,11 @@ def check_out_dir(out_dir: str | os.PathLike) -> None:
         raise UsageError(f"--out {printable(out_dir)}: {printable(existing)} is not writable")
 
 
-def atomic_write(path: Path, *chunks: bytes | memoryview) -> None:
+def atomic_write(path: Path, *chunks: bytes | memoryview, exclusive: bool = False) -> None:
     """Write ``chunks``, one after another, to ``path`` through a temporary file in the same folder and a rename.
+
+    ``exclusive``: never replace an existing ``path`` (a hard link instead of a
+    rename, which fails when the name is taken): raises FileExistsError then.
 
     Creates missing parent folders. On any error the temporary file is removed
     and ``path`` is left as it was.
@@ -70,7 +73,19 @@ def atomic_write(path: Path, *chunks: bytes | memoryview) -> None:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
-        os.replace(tmp, path)
+        if exclusive:
+            try:
+                os.link(tmp, path)  # atomic, and fails if another process has taken the name
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: check, then rename (a narrow race)
+                if os.path.lexists(path):
+                    raise FileExistsError(17, "File exists", str(path)) from None
+                os.replace(tmp, path)
+            else:
+                os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -125,9 +140,10 @@ def write_embedding(path: Path, embedding, metadata: dict[str, str], fmt: str) -
 
 SETTINGS_FILE = "vitembed.json"
 FAILURES_FILE = "failures.jsonl"
-# Metadata keys that may differ between outputs of one DIR: the input, the version, and where the
-# weights were read from (they are identified by their sha256, or by random_weights and seed).
-KEYS_NOT_COMPARED = ("source", "vitembed_version", "weights")
+# Metadata keys that may differ between outputs of one DIR: the input, the version, where the
+# weights were read from (they are identified by their sha256, or by random_weights and seed), and
+# --compile (the same function; results agree within float32 rounding, as across devices).
+KEYS_NOT_COMPARED = ("source", "vitembed_version", "weights", "compile")
 
 
 def run_settings(metadata: dict[str, str]) -> dict[str, str]:
