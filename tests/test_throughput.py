@@ -547,3 +547,21 @@ def test_ctrl_c_while_compiling_stays_ctrl_c(monkeypatch, small_ckpt):
     encoder = _encoder(small_ckpt, compile=True)
     with pytest.raises(KeyboardInterrupt):
         encoder(np.zeros((1, 32, 32, 3), dtype=np.uint8))
+
+
+def test_model_stage_splits_batches_across_threads_with_the_same_bits(small_ckpt, monkeypatch):
+    from vitembed.inputs import Job
+    from vitembed.pipeline import model_layout, model_stage
+
+    encoder = _encoder(small_ckpt)
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(5)]
+    chunk = [(Job(f"{i}.jpg", f"{i}.jpg", Path(f"{i}")), img) for i, img in enumerate(images)]
+    whole = encoder(np.stack(images))
+    calls = []
+    real = type(encoder).__call__
+    monkeypatch.setattr(type(encoder), "__call__", lambda self, px: calls.append(len(px)) or real(self, px))
+    (got_chunk, got), = list(model_stage([chunk], encoder, workers=2))
+    assert got_chunk is chunk and sorted(calls) == [2, 3] and torch.equal(got, whole)
+    threads = torch.get_num_threads()
+    assert model_layout(encoder) == ((2, threads // 2) if threads >= 2 else (1, threads))

@@ -18,6 +18,8 @@ def start_panel(console: Console, encoder, workers: int, out: Path, pack: int | 
     """Device, torch version, dtype, threads, model and weights, in one panel."""
     import torch
 
+    from .pipeline import model_layout
+
     w = encoder.weights
     table = Table.grid(padding=(0, 2))
     rows = [
@@ -28,7 +30,7 @@ def start_panel(console: Console, encoder, workers: int, out: Path, pack: int | 
         ("device", f"{encoder.device}  torch {torch.__version__}"),
         ("dtype", f"compute {encoder.dtype_name}, save {encoder.save_dtype_name}"),
         ("model run", "torch.compile" if encoder.compiled else "eager" + (", oneDNN packed linears" if encoder.packed else "")),
-        ("threads", f"torch {torch.get_num_threads()}, decode {workers}"),
+        ("threads", "model {} x {} torch threads, decode {}".format(*model_layout(encoder), workers)),
         ("output", str(out) + (f" (parts of {pack} + index.jsonl)" if pack else " (one file per image)")),
     ]
     for key, value in rows:
