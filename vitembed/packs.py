@@ -45,7 +45,7 @@ def next_part_number(out_dir: Path, prefix: str) -> int:
     (0 when there is none): a name is never used twice, even after its file was lost."""
     numbers = [-1]
     try:
-        names = set(os.listdir(out_dir)) | indexed_parts(out_dir)
+        names = set(os.listdir(out_dir)) | scan_index(out_dir)[1]
     except FileNotFoundError:
         return 0
     for name in names:
@@ -104,9 +104,24 @@ def _index_entries(out_dir: Path) -> Iterator[dict]:
                 yield entry
 
 
-def read_index(out_dir: Path) -> dict[str, dict]:
-    """The last index entry of each key."""
-    return {e["key"]: e for e in _index_entries(out_dir) if isinstance(e.get("key"), str)}
+def scan_index(out_dir: Path) -> tuple[dict[str, dict], set[str]]:
+    """One pass over ``DIR/index.jsonl``: (the last entry of each key, every part any line names)."""
+    latest: dict[str, dict] = {}
+    named: set[str] = set()
+    for entry in _index_entries(out_dir):
+        if isinstance(entry.get("key"), str):
+            latest[entry["key"]] = entry
+        if isinstance(entry.get("part"), str):
+            named.add(entry["part"])
+    return latest, named
+
+
+def _row_entries(keys: list[str], sources: list[str], part: str) -> list[dict]:
+    """The index lines of a part's rows."""
+    return [
+        {"key": k, "source": s, "part": part, "row": row, "status": "encoded"}
+        for row, (k, s) in enumerate(zip(keys, sources))
+    ]
 
 
 @dataclass
@@ -135,11 +150,11 @@ def read_part(path: Path) -> PartInfo:
         return PartInfo(False)
 
 
-def recover_parts(out_dir: Path, index: dict[str, dict], write: bool = True) -> dict[str, dict]:
-    """Index the complete parts in DIR that no line of the index ever named (a job killed
-    between writing a part and appending its lines, or an index that could not be written);
-    returns the index with their rows added. ``write``: append their lines to the index too."""
-    named = indexed_parts(out_dir)
+def recover_parts(out_dir: Path, index: dict[str, dict], named: set[str], write: bool = True) -> dict[str, dict]:
+    """Index the complete parts in DIR that no line of the index ever named (``named``, from
+    ``scan_index``): a job killed between writing a part and appending its lines, or an index
+    that could not be written. Returns ``index`` with their rows added. ``write``: append
+    their lines to the index too."""
     try:
         names = sorted(n for n in os.listdir(out_dir) if _PART.match(n) and n not in named)
     except FileNotFoundError:
@@ -148,10 +163,7 @@ def recover_parts(out_dir: Path, index: dict[str, dict], write: bool = True) -> 
         info = read_part(Path(out_dir) / name)
         if not info.complete or info.keys is None or info.sources is None:
             continue
-        entries = [
-            {"key": k, "source": s, "part": name, "row": row, "status": "encoded"}
-            for row, (k, s) in enumerate(zip(info.keys, info.sources))
-        ]
+        entries = _row_entries(info.keys, info.sources, name)
         if write:
             try:
                 append_index(out_dir, entries)
@@ -167,18 +179,13 @@ def live_parts(index: dict[str, dict]) -> set[str]:
     return {e["part"] for e in index.values() if e.get("status") == "encoded" and e.get("part")}
 
 
-def indexed_parts(out_dir: Path) -> set[str]:
-    """Every part that any line of ``DIR/index.jsonl`` names."""
-    return {e["part"] for e in _index_entries(out_dir) if isinstance(e.get("part"), str)}
-
-
 def remove_dead_parts(out_dir: Path) -> list[str]:
     """After a finished ``--overwrite``: delete the parts the index names whose every row
     has a newer entry elsewhere. Parts the index never named (another shard's part
     not yet indexed) are left alone. Returns the names removed."""
-    live = live_parts(read_index(out_dir))
+    latest, named = scan_index(out_dir)
     removed = []
-    for name in sorted(indexed_parts(out_dir) - live):
+    for name in sorted(named - live_parts(latest)):
         if _PART.match(name):
             try:
                 os.unlink(Path(out_dir) / name)
@@ -242,12 +249,8 @@ class PackWriter:
                     continue  # another run into this DIR took the name: take the next one
         except OSError as e:
             return list(zip(keys, sources)), None, e, None
-        entries = [
-            {"key": k, "source": s, "part": name, "row": row, "status": "encoded"}
-            for row, (k, s) in enumerate(zip(keys, sources))
-        ]
         try:
-            append_index(self.out_dir, entries)
+            append_index(self.out_dir, _row_entries(keys, sources, name))
         except OSError as e:
             return list(zip(keys, sources)), name, None, e
         return list(zip(keys, sources)), name, None, None
@@ -269,7 +272,7 @@ def iter_packed(out_dir: str | os.PathLike) -> Iterator[tuple[str, str, object]]
     from .inspect import load_tensor
 
     out_dir = Path(out_dir)
-    index = recover_parts(out_dir, read_index(out_dir), write=False)
+    index = recover_parts(out_dir, *scan_index(out_dir), write=False)
     encoded = [e for e in index.values() if e.get("status") == "encoded"]
     if not encoded and not (out_dir / INDEX_FILE).is_file():
         raise UsageError(f"{printable(out_dir)} holds no packed outputs (no {INDEX_FILE}, no part files)")

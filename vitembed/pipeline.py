@@ -39,12 +39,11 @@ from .packs import (
     PackWriter,
     PartInfo,
     append_index,
-    indexed_parts,
     part_prefix,
-    read_index,
     read_part,
     recover_parts,
     remove_dead_parts,
+    scan_index,
 )
 from .preprocess import load_pixels, normalize, normalize_stats
 from .weights import ResolvedWeights, build_model, resolve_weights
@@ -448,6 +447,7 @@ class _FileSink:
 
     def __init__(self, fmt: str, metadata: dict[str, str]):
         self.fmt, self.metadata = fmt, metadata
+        self.index_errors: list[str] = []  # no index in this layout: always empty
 
     def put(self, job: Job, embedding: torch.Tensor) -> list[Result]:
         try:
@@ -457,8 +457,6 @@ class _FileSink:
             error = InputError(job.source, "write-failed", f"cannot write {printable(job.output)}: {reason}")
             return [Result(job.source, "failed", error=error)]
         return [Result(job.source, "encoded", output=str(job.output))]
-
-    index_errors: list[str] = []
 
     def failed(self, job: Job, error: InputError) -> None:
         pass
@@ -719,7 +717,7 @@ def scan_packs(
     if state.settings is not None and state.settings != settings:
         raise settings_conflict(f"{printable(out_dir)} holds outputs", settings, state.settings)
     redoing = state.overwrite_started
-    index = recover_parts(out_dir, read_index(out_dir))
+    index = recover_parts(out_dir, *scan_index(out_dir))
     parts: dict[str, tuple[PartInfo, float]] = {}
     todo: list[Job] = []
     done: list[Result] = []
@@ -778,7 +776,7 @@ def scan_outputs(
         raise settings_conflict(f"{printable(plan.out_dir)} holds outputs", settings, state.settings)
     redoing = state.overwrite_started
     if redoing is None:  # part files of --pack: the other layout, refused like other settings
-        for part in sorted(indexed_parts(Path(plan.out_dir)))[:1]:
+        for part in sorted(scan_index(Path(plan.out_dir))[1])[:1]:
             info = read_part(Path(plan.out_dir) / part)
             if info.complete and info.settings != settings:
                 raise settings_conflict(f"{printable(Path(plan.out_dir) / part)} was", settings, info.settings or {})
