@@ -72,7 +72,9 @@ def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def run_cli(*args: str, input: bytes | None = None, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, input: bytes | None = None, env: dict | None = None, cwd=None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """``python -m vitembed ARGS`` in a subprocess, stdout and stderr captured as text."""
     full_env = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(
@@ -81,5 +83,5 @@ def run_cli(*args: str, input: bytes | None = None, env: dict | None = None, cwd
         capture_output=True,
         env=full_env,
         cwd=cwd,
-        timeout=600,
+        timeout=timeout,
     )

@@ -56,7 +56,7 @@ def test_encode_directory_writes_one_file_per_image_matching_transformers(tmp_pa
     r = run_cli("encode", str(tmp_path / "imgs"), "--out", str(out), "--weights", str(small_ckpt), "--json", "--batch-size", "3")
     assert r.returncode == 0, r.stderr.decode()
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert written == sorted([*(f"{rel}.safetensors" for rel in images), "vitembed.json"])
+    assert written == sorted([*(f"{rel}.safetensors" for rel in images), "vitembed.json", ".vitembed.lock"])
     lines = [json.loads(line) for line in r.stdout.decode().splitlines()]
     assert sorted(line["source"] for line in lines) == sorted(str(p) for p in images.values())
     assert {line["status"] for line in lines} == {"encoded"}
@@ -116,7 +116,7 @@ def test_bad_files_are_named_and_skipped_and_exit_1(tmp_path, small_ckpt):
     err = r.stderr.decode()
     assert r.returncode == 1, err
     assert sorted(p.name for p in out.iterdir()) == [
-        "failures.jsonl", "good1.jpg.safetensors", "good2.png.safetensors", "vitembed.json"]
+        ".vitembed.lock", "failures.jsonl", "good1.jpg.safetensors", "good2.png.safetensors", "vitembed.json"]
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert sorted((os.path.basename(f["path"]), f["kind"]) for f in failures) == [
         ("empty.jpg", "empty"), ("text.jpg", "not-an-image"), ("truncated.jpg", "truncated")]

@@ -120,7 +120,7 @@ def test_timm_repository_in_the_cache_uses_the_catalog_architecture(tmp_path):
         got, meta = f.get_tensor("embedding"), f.metadata()
     assert meta["weights"] == f"hf://{spec.repo}" and meta["layer_norm_eps"] == "1e-06"
     assert (meta["resize"], meta["resize_size"], meta["crop"], meta["crop_rounding"]) == ("shortest", "248", "true", "round")
-    from vitembed.preprocess import load_pixels, normalize, normalize_stats, normalize_table
+    from vitembed.preprocess import load_pixels, normalize, normalize_stats
 
     pixels = torch.from_numpy(load_pixels(tmp_path / "p.png", spec.preprocess))[None]
     with torch.no_grad():

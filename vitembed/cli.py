@@ -103,7 +103,7 @@ def encode(
         list[str],
         typer.Argument(help="Image files, directories (searched recursively), or - for paths on stdin.", show_default=False),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.", show_default=False)],
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Output directory.", show_default=False)],
     model: Annotated[str, typer.Option(help=f"Model name ({', '.join(CATALOG)}).")] = DEFAULT_MODEL,
     weights: Annotated[
         Optional[str],
@@ -172,15 +172,18 @@ def encode(
     ] = False,
     max_pixels: Annotated[
         Optional[int],
-        typer.Option(min=1, help="Refuse images with more pixels than this [default: Pillow's limit].", show_default=False),
+        typer.Option(min=1, help="Refuse images with more pixels than this [default: 178956970, twice Pillow's MAX_IMAGE_PIXELS].", show_default=False),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per input on stdout.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="With --list: also name the files a folder walk passed over as not images.")
+    ] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No panel or progress on stderr (warnings, errors and the summary line stay).")
     ] = False,
 ) -> None:
     """Encode images into embeddings under --out: one file per image, or N per file with --pack N."""
-    from .errors import UsageError, printable
+    from .errors import UsageError, printable, shown
     from .inputs import plan_jobs, read_path_list
     from .writers import check_format, check_out_dir
 
@@ -212,17 +215,19 @@ def encode(
             raise UsageError("--pack writes safetensors part files; it cannot be used with --format npy")
         check_format(fmt.value, save_dtype.value)
         decode = _decode_options(background, max_pixels, allow_truncated)
-        plan = plan_jobs(inputs, out, fmt.value, stdin_paths)
+        plan = plan_jobs(inputs, out_dir, fmt.value, stdin_paths)  # refuses an empty --out
+        out = plan.out_dir
         if shard is not None:
             plan = plan.shard(*_parse_shard(shard))
         if list_only:
-            _print_plan(plan, as_json, pack)
+            _print_plan(plan, as_json, pack, verbose)
             if plan.problems:
                 raise typer.Exit(1)
             return
         check_out_dir(out)
         if not len(plan):
-            _stderr().print("warning: no image files found among the inputs; nothing to do", markup=False)
+            found = f" ({_passed_over_line(len(plan.passed_over))})" if plan.passed_over else ""
+            _stderr().print(f"warning: no image files found among the inputs{found}; nothing to do", markup=False)
             return
         from . import pipeline  # imports torch
         from .progress import EncodeProgress, start_panel
@@ -264,7 +269,7 @@ def encode(
                 if result.error is not None:
                     failed_lines.print(f"failed: {result.error}", markup=False)
                 elif result.reason is not None and result.output is None:  # a repeat, not "already done"
-                    err.print(f"skipped: {printable(result.source)}: {result.reason}", markup=False)
+                    err.print(f"skipped: {shown(result.source)}: {result.reason}", markup=False)
                 if as_json:
                     line = {"source": printable(result.source), "status": result.status, "output": None}
                     if result.output is not None:
@@ -304,8 +309,10 @@ def encode(
             + (" (--save-dtype float16 overflow? try float32 or bfloat16)" if save_dtype == SaveDType.float16 else ""),
             markup=False,
         )
+    if summary.passed_over:
+        err.print(_passed_over_line(summary.passed_over) + " (vitembed encode --list --verbose names them)", markup=False)
     if summary.failed and not summary.log_errors:
-        err.print(f"failures are listed in {printable(out / 'failures.jsonl')}", markup=False)
+        err.print(f"failures are listed in {shown(out / 'failures.jsonl')}", markup=False)
     if summary.stopped:
         err.print("stopped at the first failure (--fail-fast)", markup=False)
     if summary.interrupted:
@@ -313,7 +320,7 @@ def encode(
         _stderr().print(f"{how}: the outputs already written are complete; run again to resume", markup=False)
     _stderr().print(  # the last line, even under --quiet: the counts a batch log needs
         f"encoded {summary.encoded}, skipped {summary.skipped}, failed {summary.failed} in {summary.seconds:.1f} s "
-        f"({summary.images_per_second:.1f} images/s) -> {printable(out)}",
+        f"({summary.images_per_second:.1f} images/s) -> {shown(out)}",
         markup=False,
     )
     if summary.interrupted:
@@ -332,8 +339,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _decode_options(background: str, max_pixels: int | None, allow_truncated: bool):
-    from PIL import Image
-
     from .decode import DecodeOptions
     from .errors import UsageError
 
@@ -343,9 +348,7 @@ def _decode_options(background: str, max_pixels: int | None, allow_truncated: bo
         rgb = ()
     if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
         raise UsageError(f"--background {background!r}: expected R,G,B with values 0..255, e.g. 255,255,255")
-    if max_pixels is not None:
-        # vitembed applies the limit itself; lift Pillow's own (2x) refusal so that a higher limit works.
-        Image.MAX_IMAGE_PIXELS = max(max_pixels, Image.MAX_IMAGE_PIXELS or 0)
+    # decode.open_image applies the limit itself (None: its default) and lifts Pillow's own refusal.
     return DecodeOptions(max_pixels=max_pixels, background=rgb, allow_truncated=allow_truncated)  # type: ignore[arg-type]
 
 
@@ -375,16 +378,29 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
-def _print_plan(plan, as_json: bool, pack: int | None = None) -> None:
+def _print_plan(plan, as_json: bool, pack: int | None = None, verbose: bool = False) -> None:
     """``--list``: one line per planned input on stdout: source TAB output, or with ``--pack``
-    source TAB its key in index.jsonl (JSON: ``{"source", "output"}`` or ``{"source", "key"}``)."""
-    from .errors import printable
+    source TAB its key in index.jsonl (control characters escaped as on stderr, ``errors.shown``) (JSON: ``{"source", "output"}`` or ``{"source", "key"}``).
+    Files a folder walk passed over are counted on stderr, named there with ``verbose``, and are
+    lines ``{"source", "status": "passed-over", "reason"}`` on stdout with ``--json``."""
+    from .errors import printable, shown
 
-    for job in plan.jobs:
-        name, where = ("key", printable(job.relpath)) if pack else ("output", printable(job.output))
-        _out(json.dumps({"source": printable(job.source), name: where}) + "\n" if as_json else f"{printable(job.source)}\t{where}\n")
+    for job in plan.jobs:  # the tab-separated lines escape control characters (a name cannot break a line)
+        name, where = ("key", job.key) if pack else ("output", printable(job.output))
+        _out(json.dumps({"source": printable(job.source), name: where}) + "\n" if as_json else f"{shown(job.source)}\t{shown(where)}\n")
+    for path in plan.passed_over:
+        if as_json:
+            _out(json.dumps({"source": printable(path), "status": "passed-over", "reason": "not an image by name"}) + "\n")
+        elif verbose:
+            _stderr().print(f"passed over: {shown(path)} (not an image by name)", markup=False)
     for problem in plan.problems:
         _stderr().print(f"failed: {problem}", markup=False)
+    if plan.passed_over and not as_json:
+        _stderr().print(_passed_over_line(len(plan.passed_over)) + ("" if verbose else " (--verbose names them)"), markup=False)
+
+
+def _passed_over_line(count: int) -> str:
+    return f"passed over {count} files that are not images by name" if count != 1 else "passed over 1 file that is not an image by name"
 
 
 @app.command()
@@ -393,7 +409,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per file on stdout.")] = False,
 ) -> None:
     """Show tensor names, shapes, dtypes, metadata and statistics of output files."""
-    from .errors import printable
+    from .errors import shown
     from .inspect import inspect_file
 
     out = Console(highlight=False, soft_wrap=True)
@@ -407,7 +423,7 @@ def inspect(
             continue
         except Exception as e:  # one odd file must not hide the others
             failed += 1
-            _stderr().print(f"error: {printable(file)}: cannot inspect: {type(e).__name__}: {e}", markup=False)
+            _stderr().print(f"error: {shown(file)}: cannot inspect: {type(e).__name__}: {e}", markup=False)
             continue
         if as_json:
             _out(json.dumps(info, ensure_ascii=False) + "\n")

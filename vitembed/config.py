@@ -252,6 +252,14 @@ def layer_index(layer: str, depth: int) -> int:
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 RESIZE_MODES = ("squash", "shortest")
 
+# Bounds of the preprocessing, far beyond any published checkpoint (DINOv2 resizes to 256 and crops
+# 224, SigLIP goes up to 512, ViT up to 518 at crop 1.0): a larger size is a mistake, and would
+# exhaust memory on every image instead of failing once with a message.
+MAX_RESIZE = 8192  # pixels: the resize target (shortest edge or squash side) and the model input
+# timm's crop_pct (the input side over the resize target) is 0.875 to 1.0 in published models;
+# below 1/4 most of the image would be cropped away.
+MIN_CROP_PCT = 0.25
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:
@@ -268,11 +276,13 @@ class PreprocessConfig:
             ignoring its aspect ratio; ``shortest`` resizes its shorter side to
             resize_size, the longer side to ``int(resize_size * long / short)``
             (transformers' ``shortest_edge``).
-        resize_size: target of the resize in pixels (None: ``image_size``).
+        resize_size: target of the resize in pixels (None: ``image_size``);
+            image_size and the resize target are at most ``MAX_RESIZE`` (8192).
         crop: centre-crop the resized image to image_size x image_size.
         crop_pct: timm's crop fraction, when the resize target was derived from
             it (``resize_size = floor(image_size / crop_pct)``); kept so that
-            another input size derives its resize target the same way.
+            another input size derives its resize target the same way. Within
+            [``MIN_CROP_PCT``, 1] = [0.25, 1].
         crop_rounding: how the crop offsets are rounded: ``floor`` as
             transformers' ``center_crop``, ``round`` (half to even) as
             torchvision's ``CenterCrop``, which timm's transforms use.
@@ -328,10 +338,16 @@ class PreprocessConfig:
         """timm's ``crop_pct``: resize to ``floor(image_size / crop_pct)``, then centre-crop.
 
         Raises:
-            UsageError: crop_pct outside (0, 1].
+            UsageError: crop_pct outside [``MIN_CROP_PCT``, 1] (0.25 to 1), or a resize
+                target above ``MAX_RESIZE``.
         """
-        if not 0 < crop_pct <= 1:
-            raise UsageError(f"--crop-pct {crop_pct}: expected a number in (0, 1]")
+        if not MIN_CROP_PCT <= crop_pct <= 1:
+            raise UsageError(f"--crop-pct {crop_pct}: expected a number from {MIN_CROP_PCT} to 1 (timm's models use 0.875 to 1)")
+        if math.floor(self.image_size / crop_pct) > MAX_RESIZE:
+            raise UsageError(
+                f"--crop-pct {crop_pct}: the resize target floor({self.image_size} / {crop_pct}) is more than "
+                f"vitembed allows ({MAX_RESIZE} pixels)"
+            )
         return dataclasses.replace(
             self, resize_size=math.floor(self.image_size / crop_pct), crop=True, crop_pct=crop_pct
         )
@@ -348,8 +364,18 @@ class PreprocessConfig:
         return dataclasses.replace(self, image_size=image_size, resize_size=resize_size)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size < 1:
-            raise UsageError(f"image size must be a positive integer (got {self.image_size!r})")
+        for name in ("image_size", "resize_size"):
+            value = getattr(self, name)
+            if value is None and name == "resize_size":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UsageError(f"{name.replace('_', ' ')} must be a positive integer (got {value!r})")
+            if value > MAX_RESIZE:
+                raise UsageError(f"{name.replace('_', ' ')} {value} is more than vitembed allows ({MAX_RESIZE} pixels)")
+        if self.crop_pct is not None and not (
+            isinstance(self.crop_pct, (int, float)) and not isinstance(self.crop_pct, bool) and MIN_CROP_PCT <= self.crop_pct <= 1
+        ):
+            raise UsageError(f"crop_pct must be a number from {MIN_CROP_PCT} to 1 (got {self.crop_pct!r})")
         if self.resize not in RESIZE_MODES:
             raise UsageError(f"unknown resize mode {self.resize!r}; expected one of {', '.join(RESIZE_MODES)}")
         if self.interpolation not in INTERPOLATIONS:
@@ -386,8 +412,8 @@ class PreprocessConfig:
         """From a transformers image processor config (``ViTImageProcessor`` fields).
 
         Raises:
-            CheckpointError: settings vitembed does not implement yet (centre crop,
-                shortest-edge resize, no rescale).
+            CheckpointError: naming ``source``: settings vitembed does not implement
+                (non-square sizes, no rescale), or sizes beyond ``MAX_RESIZE``.
         """
         # PIL resampling codes, as transformers stores them.
         codes = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}

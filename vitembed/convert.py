@@ -197,11 +197,12 @@ def convert_state_dict(state_dict: Mapping[str, Any], source: str = "checkpoint"
     return _fuse_qkv(out, source)
 
 
-def load_converted(model: Any, state_dict: Mapping[str, Any], source: str = "checkpoint") -> None:
-    """Load an already converted state dict into ``model``, strictly.
+def check_converted(model: Any, state_dict: Mapping[str, Any], source: str = "checkpoint") -> None:
+    """Check an already converted state dict against ``model``'s parameters, without loading it.
 
     Every parameter of the model must be present with its exact shape and no
-    extra key may remain; tensors are cast to the model's dtype.
+    extra key may remain. Only shapes are read, so ``model`` may live on the
+    ``meta`` device (built without memory).
 
     Raises:
         CheckpointError: naming the first missing key, unexpected key or shape mismatch.
@@ -218,6 +219,16 @@ def load_converted(model: Any, state_dict: Mapping[str, Any], source: str = "che
     for key in state_dict:
         if key not in expected:
             raise CheckpointError(f"{source}: unexpected key {key!r} (the checkpoint does not fit this architecture)")
+
+
+def load_converted(model: Any, state_dict: Mapping[str, Any], source: str = "checkpoint") -> None:
+    """Load an already converted state dict into ``model``, strictly (``check_converted`` first);
+    tensors are cast to the model's dtype.
+
+    Raises:
+        CheckpointError: naming the first missing key, unexpected key or shape mismatch.
+    """
+    check_converted(model, state_dict, source)
     model.load_state_dict(dict(state_dict), strict=True)
 
 

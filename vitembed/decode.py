@@ -14,8 +14,9 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
 import stat
-from pathlib import Path
+import threading
 
 from dataclasses import dataclass
 
@@ -25,6 +26,11 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from .errors import InputError
 
 WHITE = (255, 255, 255)
+
+# vitembed's default pixel limit: twice Pillow's Image.MAX_IMAGE_PIXELS (89,478,485), the point where
+# Pillow itself raises DecompressionBombError. A 10000x10000 photo passes; vitembed checks the limit
+# from the header, before decoding.
+DEFAULT_MAX_PIXELS = 178_956_970
 
 try:  # optional: HEIF/HEIC through pillow-heif (pip install 'vitembed[heif]')
     import pillow_heif
@@ -40,7 +46,9 @@ class DecodeOptions:
 
     Attributes:
         max_pixels: refuse images whose header claims more pixels than this,
-            before decoding (None: Pillow's ``Image.MAX_IMAGE_PIXELS``).
+            before decoding (None: ``DEFAULT_MAX_PIXELS``, 178,956,970). A limit
+            above Pillow's own refusal (``2 * Image.MAX_IMAGE_PIXELS``) works: see
+            ``open_image``.
         background: RGB colour that transparency is composited onto (white).
         allow_truncated: decode truncated files, Pillow filling the missing
             part with grey, instead of refusing them. Pillow keeps this switch
@@ -54,8 +62,25 @@ class DecodeOptions:
     allow_truncated: bool = False
 
 
-# Pillow modes holding 16 (or 32) bit integers; values are scaled 65535 -> 255.
+# Pillow modes holding 16 (or 32) bit integers; values are scaled 65535 -> 255 (mode I only when
+# all its values lie within 0..65535).
 _WIDE_INT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+def _lift_pillow_limit(limit: int) -> None:
+    """Make Pillow accept headers of up to ``limit`` pixels, so that a limit above Pillow's works.
+
+    Pillow refuses images over ``2 * Image.MAX_IMAGE_PIXELS`` in ``Image.open`` (and warns over
+    ``Image.MAX_IMAGE_PIXELS``). When ``limit`` is above that refusal, ``Image.MAX_IMAGE_PIXELS``
+    is raised, process-wide, to ``ceil(limit / 2)``; it is never lowered, and left alone when
+    None (no Pillow check). The default limit needs no change. Under a lock: decoding runs in threads.
+    """
+    with _PILLOW_LIMIT_LOCK:
+        current = Image.MAX_IMAGE_PIXELS
+        if current is not None and limit > 2 * current:
+            Image.MAX_IMAGE_PIXELS = -(-limit // 2)
 
 
 def open_image(path: str | os.PathLike, max_pixels: int | None = None, allow_truncated: bool = False) -> Image.Image:
@@ -64,7 +89,13 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None, allow_tru
     Args:
         path: an image file; the format is detected from its content.
         max_pixels: refuse images whose header claims more pixels than this,
-            before decoding them (default: Pillow's ``Image.MAX_IMAGE_PIXELS``).
+            before decoding them (None: ``DEFAULT_MAX_PIXELS``, 178,956,970). A
+            higher limit lifts Pillow's own refusal (``_lift_pillow_limit``).
+            Between ``Image.MAX_IMAGE_PIXELS`` and the limit Pillow still issues
+            its ``DecompressionBombWarning``: the CLI filters it; a program may do
+            the same (``warnings.simplefilter("ignore", Image.DecompressionBombWarning)``).
+            vitembed does not suppress it itself, since ``warnings.catch_warnings``
+            is not thread-safe.
         allow_truncated: see ``DecodeOptions``.
 
     Returns:
@@ -73,7 +104,8 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None, allow_tru
 
     Raises:
         InputError: kinds ``not-found``, ``unreadable``, ``empty``,
-            ``not-an-image``, ``too-large``, ``truncated``.
+            ``not-an-image`` (also for garbage where Pillow expects a chunk or
+            marker name), ``too-large``, ``truncated``.
     """
     name = os.fspath(path)
     try:
@@ -86,13 +118,14 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None, allow_tru
         raise InputError(name, "unreadable", "not a regular file")
     if st.st_size == 0:
         raise InputError(name, "empty", "empty file (0 bytes)")
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    _lift_pillow_limit(limit)
     # Pillow reads this module-wide switch at load time; set it for every image, so each call
     # gets its own setting (two threads decoding with different settings at once would race).
     ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
     try:
         with Image.open(name) as im:
-            if limit is not None and im.width * im.height > limit:
+            if im.width * im.height > limit:
                 raise InputError(
                     name, "too-large", f"{im.width}x{im.height} pixels exceeds the limit of {limit} (decompression bomb?)"
                 )
@@ -110,10 +143,17 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None, allow_tru
         if _is_heif(name):
             raise InputError(name, "not-an-image", "HEIF/HEIC file that pillow-heif cannot read") from None
         raise InputError(name, "not-an-image", "cannot identify image format") from None
-    except Image.DecompressionBombError as e:
-        raise InputError(name, "too-large", str(e)) from None
+    except Image.DecompressionBombError as e:  # Pillow's own check on the header, at or above the limit
+        claimed = re.search(r"\((\d+) pixels\)", str(e))
+        what = f"{claimed.group(1)} pixels" if claimed else "the image"
+        raise InputError(name, "too-large", f"{what} exceeds the limit of {limit} (decompression bomb?)") from None
     except PermissionError as e:
         raise InputError(name, "unreadable", e.strerror or str(e)) from None
+    except UnicodeDecodeError:  # Pillow reads a PNG chunk type as ASCII: garbage there (read on past
+        # a bad chunk under allow_truncated) fails so, from Image.open
+        if _starts_with(name, b"\x89PNG\r\n\x1a\n"):
+            raise InputError(name, "not-an-image", "corrupt PNG data (a chunk name is not text): not a valid PNG file") from None
+        raise InputError(name, "not-an-image", "corrupt image data: not a valid image file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         message = str(e) or type(e).__name__
         kind = "truncated" if "truncated" in message.lower() or isinstance(e, EOFError) else "unreadable"
@@ -126,6 +166,15 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None, allow_tru
 
 # ISO BMFF brands of HEIF/HEIC still images (ISO/IEC 23008-12).
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+
+
+def _starts_with(path: str, signature: bytes) -> bool:
+    """True if the file's first bytes are ``signature``."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(signature)) == signature
+    except OSError:
+        return False
 
 
 def _is_heif(path: str) -> bool:
@@ -185,11 +234,14 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
     (``to_srgb``). Images with an alpha band or a transparency key (P, RGB, L with ``tRNS``)
     are alpha-composited onto ``background``, as transformers' ``convert_to_rgb``
     does with white; premultiplied modes (La, RGBa) too. 16-bit integer modes
-    (I;16, I;16B, I) are scaled by 255/65535 and rounded rather than clipped.
+    (I;16, I;16B) are scaled by 255/65535 and rounded rather than clipped, and so
+    are 32-bit integer (I) images whose values all lie within 0..65535 (as a
+    16-bit PNG or TIFF decodes); other I images are refused, never clipped.
 
     Raises:
-        InputError: kind ``unsupported`` for 32-bit float (F) images, which have
-            no agreed mapping to display values.
+        InputError: kind ``unsupported`` for 32-bit float (F) images, and 32-bit
+            integer (I) images with a value outside 0..65535 (the message gives
+            the range found), which have no agreed mapping to display values.
     """
     mode = image.mode
     if mode == "F":
@@ -197,6 +249,16 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
         raise InputError(name, "unsupported", "32-bit float image (mode F) has no agreed display range")
     if mode in _WIDE_INT_MODES:
         wide = np.asarray(image, dtype=np.float64)
+        if mode == "I" and wide.size:
+            low, high = int(wide.min()), int(wide.max())
+            if low < 0 or high > 65535:
+                name = getattr(image, "filename", "") or "<image>"
+                raise InputError(
+                    name,
+                    "unsupported",
+                    f"32-bit integer image (mode I) with values from {low} to {high}: 32-bit integer images "
+                    "outside 0..65535 have no agreed display range",
+                )
         grey = Image.fromarray(np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8), "L")
         key = image.info.get("transparency")
         if isinstance(key, int):  # a 16-bit tRNS key: those pixels are transparent
@@ -229,16 +291,3 @@ def decode_image(path: str | os.PathLike, options: DecodeOptions = DecodeOptions
         return to_rgb(image, options.background)
     except InputError as e:
         raise InputError(os.fspath(path), e.kind, e.reason) from None
-
-
-# Extensions a directory walk picks up (case-insensitive). Raster photo and graphics
-# formats only: Pillow's stub plugins (HDF5, GRIB, MPEG, EPS, WMF) are left out.
-IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .apng .webp .bmp .dib .gif .tif .tiff .avif .avifs .heic .heif "
-    ".jp2 .j2k .jpx .jpf .tga .ico .ppm .pgm .pbm .pnm .qoi .psd .sgi .pcx".split()
-)
-
-
-def is_image_name(path: str | Path) -> bool:
-    """True if the file name has an image extension from ``IMAGE_EXTENSIONS`` (case-insensitive)."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS

@@ -16,6 +16,19 @@ def printable(path) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+# C0 controls, DEL and C1 controls: a name holding them could forge lines or send escape
+# sequences to a terminal.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+def shown(path) -> str:
+    """A path as it appears in messages for people (stderr, error text): ``printable``, with
+    control characters escaped (newline as ``\\n``, ESC as ``\\x1b``), so a file name can
+    neither forge a line of output nor reach the terminal as an escape sequence."""
+    return printable(path).translate(_CONTROLS)
+
+
 class VitembedError(Exception):
     """Base class of every error vitembed raises on purpose.
 
@@ -56,11 +69,11 @@ class InputError(VitembedError):
 
     Raised per file; the pipeline records it and goes on with the other inputs.
     ``kind`` is a short machine-readable reason (``empty``, ``not-an-image``,
-    ``truncated``, ``unreadable``, ``too-large``, ``unsupported``, ``not-found``).
+    ``truncated``, ``unreadable``, ``too-large``, ``unsupported``, ``not-found``, ``out-of-memory``, ``collision``, ``write-failed``).
     """
 
     def __init__(self, path: str, kind: str, reason: str):
-        super().__init__(f"{printable(path)}: {reason}")
+        super().__init__(f"{shown(path)}: {reason}")
         self.path = path
         self.kind = kind
         self.reason = reason

@@ -7,19 +7,21 @@ from stdin (output ``DIR/<the path as given>.<format>``); symlinked folders are 
 each real folder once. A path from stdin that
 is absolute or climbs out of the current directory is placed under
 ``DIR/_root/<its absolute path>``, so that no output is ever written outside
-DIR. Does not import torch.
+DIR. An output name longer than a file system allows is shortened with a hash
+(``output_name``). Does not import torch.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .decode import is_image_name
-from .errors import InputError, UsageError
+from .errors import InputError, UsageError, printable, shown
 
 ROOT_DIR = "_root"
 
@@ -39,6 +41,35 @@ class Job:
     relpath: str
     output: Path
 
+    @property
+    def key(self) -> str:
+        """``relpath`` as valid UTF-8 text (``errors.printable``): the input's name in ``--pack``
+        indexes, JSON and metadata. ``plan_jobs`` never plans two jobs with one key."""
+        return printable(self.relpath)
+
+
+NAME_MAX = 255  # bytes in one file name: ext4, XFS, btrfs, APFS, NTFS (in UTF-16 units)
+
+
+def output_name(name: str, suffix: str) -> str:
+    """The file name of an output: ``name + suffix`` (``cat.jpg`` + ``.safetensors``), or, when
+    that exceeds ``NAME_MAX`` bytes, the name cut short at a character boundary, followed by
+    ``~`` and 12 hex digits of the sha1 of the whole name, then the suffix. The same name always
+    gives the same output name, so a re-run finds its outputs; the source path is in the metadata."""
+    whole = os.fsencode(name + suffix)
+    if len(whole) <= NAME_MAX:
+        return name + suffix
+    tail = "~" + hashlib.sha1(os.fsencode(name)).hexdigest()[:12] + suffix
+    head = os.fsencode(name)[: NAME_MAX - len(os.fsencode(tail))]
+    for cut in range(4):  # do not split a UTF-8 sequence (names that are UTF-8 stay UTF-8)
+        try:
+            head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        head = head[: len(head) - cut]
+        break
+    return os.fsdecode(head) + tail
+
 
 def read_path_list(stream, null_separated: bool = False) -> list[str]:
     """Paths from a text or binary stream, one per line (or NUL-separated); blank entries dropped."""
@@ -52,12 +83,50 @@ def read_path_list(stream, null_separated: bool = False) -> list[str]:
     return [e for e in entries if e]
 
 
-def walk_images(directory: str, errors: list[InputError] | None = None) -> Iterator[str]:
-    """Image files under ``directory``, recursively, in sorted order.
+# Formats Pillow registers but cannot decode to pixels: header-only (MPEG) or write-only (PDF, PALM).
+# Stub formats (BUFR, GRIB, HDF5, WMF), which need a handler Pillow does not have, are found by class.
+_UNDECODABLE_FORMATS = frozenset({"MPEG", "PDF", "PALM"})
+# Walked even when no plugin for them is installed, so that they fail with a message saying what is missing.
+_ALWAYS_WALKED = frozenset({".heic", ".heif", ".hif", ".avif", ".avifs"})
+
+
+@functools.lru_cache(maxsize=1)
+def image_extensions() -> frozenset[str]:
+    """File extensions (lower case, with the dot) that a folder walk takes as images.
+
+    Every extension Pillow registers (``PIL.Image.registered_extensions()``, which
+    includes pillow-heif's when it is installed) whose format Pillow can decode,
+    plus the HEIF and AVIF extensions, so that those fail with a clear message
+    when their plugin is missing instead of being passed over.
+    """
+    from PIL import Image, ImageFile
+
+    from . import decode  # noqa: F401  (registers pillow-heif's extensions when it is installed)
+
+    def decodable(fmt: str) -> bool:
+        factory = Image.OPEN.get(fmt, (None,))[0]
+        stub = isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+        return fmt not in _UNDECODABLE_FORMATS and not stub
+
+    extensions = {ext.lower() for ext, fmt in Image.registered_extensions().items() if decodable(fmt)}
+    return frozenset(extensions | _ALWAYS_WALKED)
+
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    """True if the file name ends in one of ``image_extensions()`` (case-insensitive)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in image_extensions()
+
+
+def walk_images(
+    directory: str, errors: list[InputError] | None = None, passed_over: list[str] | None = None
+) -> Iterator[str]:
+    """Image files under ``directory``, recursively, in sorted order (``is_image_name``).
 
     Symlinked folders are followed, each real folder listed once, so symlink
     loops cannot hang the walk. A folder that cannot be listed is appended to
-    ``errors`` as an ``unreadable`` InputError instead of being skipped silently.
+    ``errors`` as an ``unreadable`` InputError instead of being skipped silently;
+    files whose names are not image names (no extension, ``.txt``, ``.DS_Store``)
+    are appended to ``passed_over``.
     """
 
     def on_error(e: OSError) -> None:
@@ -80,6 +149,8 @@ def walk_images(directory: str, errors: list[InputError] | None = None) -> Itera
         for name in sorted(files):
             if is_image_name(name):
                 yield os.path.join(root, name)
+            elif passed_over is not None:
+                passed_over.append(os.path.join(root, name))
 
 
 def _safe_relpath(path: str) -> str:
@@ -101,6 +172,8 @@ class Plan:
         problems: inputs that cannot become jobs (missing path, unreadable
             folder, two sources mapped to one output), as ``InputError``.
         duplicates: (source, first source) for inputs naming a file already planned.
+        passed_over: files a folder walk did not take because their names are not
+            image names (``is_image_name``), reported as a count.
         sharded: (K, N) when this is shard K of N (``shard``), else None.
     """
 
@@ -108,6 +181,7 @@ class Plan:
     jobs: list[Job] = field(default_factory=list)
     problems: list[InputError] = field(default_factory=list)
     duplicates: list[tuple[str, str]] = field(default_factory=list)
+    passed_over: list[str] = field(default_factory=list)
     sharded: tuple[int, int] | None = None
 
     def __len__(self) -> int:
@@ -131,6 +205,7 @@ class Plan:
             [j for j in self.jobs if mine(j.relpath)],
             [p for p in self.problems if mine(p.path)],
             [d for d in self.duplicates if mine(d[0])],
+            [p for p in self.passed_over if mine(p)],
             (index, count),
         )
 
@@ -154,39 +229,68 @@ def plan_jobs(inputs: Iterable[str], out_dir: str | os.PathLike, fmt: str, stdin
     Returns:
         A ``Plan``; each source file is planned once (the same file named twice,
         also through a symlink, is listed in ``duplicates``).
+
+    Raises:
+        UsageError: ``out_dir`` is empty (``Path("")`` would be the current folder).
     """
+    if not os.fspath(out_dir):
+        raise UsageError("--out: empty path; name the output folder (use --out . for the current folder)")
     out = Path(out_dir)
     plan = Plan(out)
     candidates: list[tuple[str, str]] = []
     for arg in inputs:
-        if os.path.isdir(arg):
-            for path in walk_images(arg, plan.problems):
+        try:
+            is_dir = stat.S_ISDIR(os.stat(arg).st_mode)
+        except FileNotFoundError:
+            if os.path.islink(arg):  # a dangling symlink: its own input, reported when it is read
+                candidates.append((arg, Path(arg).name))
+            else:
+                plan.problems.append(InputError(arg, "not-found", "no such file or directory"))
+            continue
+        except PermissionError:
+            plan.problems.append(InputError(arg, "unreadable", "permission denied (a folder on its path cannot be searched)"))
+            continue
+        except OSError as e:  # a name too long, a symlink loop, a file used as a folder
+            plan.problems.append(InputError(arg, "unreadable", e.strerror or str(e)))
+            continue
+        if is_dir:
+            for path in walk_images(arg, plan.problems, plan.passed_over):
                 candidates.append((path, PurePosixPath(*Path(os.path.relpath(path, arg)).parts).as_posix()))
-        elif os.path.lexists(arg):
-            candidates.append((arg, Path(arg).name))
         else:
-            plan.problems.append(InputError(arg, "not-found", "no such file or directory"))
+            candidates.append((arg, Path(arg).name))
     for path in stdin_paths:
         if os.path.isdir(path):
-            for inner in walk_images(path, plan.problems):
+            for inner in walk_images(path, plan.problems, plan.passed_over):
                 candidates.append((inner, _safe_relpath(inner)))
         else:
             candidates.append((path, _safe_relpath(path)))
 
-    by_output: dict[str, str] = {}
+    # Two inputs must differ in their output path and in their key: names that differ only in bytes
+    # that are not UTF-8 (k\xff.jpg, raw byte 0xff) and their printed form (the text k\xff.jpg)
+    # would share a key in an index and a "source" in metadata.
+    by_key: dict[str, tuple[str, str]] = {}
     first_of: dict[str, str] = {}
+    suffix = f".{fmt}"
     for source, rel in candidates:
         # Only existing regular files are the same file by identity; anything else is its own input.
-        key = os.path.realpath(source) if os.path.isfile(source) else source
-        if key in first_of:
-            plan.duplicates.append((source, first_of[key]))
+        identity = os.path.realpath(source) if os.path.isfile(source) else source
+        if identity in first_of:
+            plan.duplicates.append((source, first_of[identity]))
             continue
-        first_of[key] = source
-        if rel in by_output:
-            plan.problems.append(
-                InputError(source, "collision", f"would write the same output as {by_output[rel]} ({rel}.{fmt})")
+        first_of[identity] = source
+        key = printable(rel)
+        if key in by_key:
+            first, first_rel = by_key[key]
+            why = (
+                f"would write the same output as {shown(first)} ({shown(key)}{suffix})"
+                if first_rel == rel
+                else f"its name prints the same as that of {shown(first)} ({shown(key)}), so their outputs, "
+                "keys and metadata could not be told apart; rename one of them"
             )
+            plan.problems.append(InputError(source, "collision", why))
             continue
-        by_output[rel] = source
-        plan.jobs.append(Job(source, rel, out / f"{rel}.{fmt}"))
+        by_key[key] = (source, rel)
+        parent, _, name = rel.rpartition("/")
+        output = out / parent / output_name(name, suffix) if parent else out / output_name(name, suffix)
+        plan.jobs.append(Job(source, rel, output))
     return plan

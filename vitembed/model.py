@@ -181,6 +181,14 @@ class Block(nn.Module):
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
+def num_parameters(cfg: ViTConfig) -> int:
+    """Number of parameters of ``VisionTransformer(cfg)``, counted on the ``meta`` device
+    (no memory is allocated, so absurd configs can be sized before they are refused)."""
+    with torch.device("meta"):
+        model = VisionTransformer(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
 class VisionTransformer(nn.Module):
     """ViT encoder: pixel values (B, 3, S, S) -> named token encodings (B, T, D).
 

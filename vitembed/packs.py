@@ -23,11 +23,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import parse_json
 from .writers import _canonical_header, atomic_write, run_settings
 
 PACK_TENSOR = "embeddings"
@@ -60,12 +60,14 @@ def append_index(out_dir: Path, entries: Iterable[dict]) -> None:
     """Append entries to ``DIR/index.jsonl`` in one ``write`` on an O_APPEND file.
 
     Raises:
-        OSError: the index cannot be written.
+        OSError: the index cannot be written (``files.NotRegularFileError`` for a FIFO or folder there).
     """
     text = "".join(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in entries)
     if not text:
         return
-    fd = os.open(Path(out_dir) / INDEX_FILE, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+    from .files import open_regular
+
+    fd = open_regular(Path(out_dir) / INDEX_FILE, os.O_RDWR | os.O_CREAT | os.O_APPEND)
     try:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":  # a line torn by a crash: do not glue ours onto it
@@ -77,42 +79,64 @@ def append_index(out_dir: Path, entries: Iterable[dict]) -> None:
         os.close(fd)
 
 
-def _index_entries(out_dir: Path) -> Iterator[dict]:
-    """Each line of ``DIR/index.jsonl`` that parses as a JSON object (a line torn by a crash does not).
+def _index_entries(out_dir: Path, bad: list[int] | None = None) -> Iterator[dict]:
+    """Each line of ``DIR/index.jsonl`` that parses as a JSON object (``files.parse_json``, strict).
+
+    The numbers of lines that do not (a line torn by a crash, NaN, ``1e400``, deep
+    nesting, a non-object) are appended to ``bad``: the inputs they recorded count as not done.
 
     Raises:
-        UsageError: the index exists but cannot be read (a folder, no permission).
+        UsageError: the index exists but cannot be read (a folder, a FIFO, no permission).
     """
-    from .errors import UsageError, printable
+    from .errors import UsageError, shown
+    from .files import open_regular, parse_json
 
     path = Path(out_dir) / INDEX_FILE
     try:
-        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block for ever
-            raise UsageError(f"cannot read {printable(path)}: not a regular file")
-        f = open(path, encoding="utf-8", errors="surrogateescape")
+        f = os.fdopen(open_regular(path), encoding="utf-8", errors="surrogateescape")
     except FileNotFoundError:
         return
     except OSError as e:
-        raise UsageError(f"cannot read {printable(path)}: {e.strerror or e}") from None
+        raise UsageError(f"cannot read {shown(path)}: {e.strerror or e}") from None
     with f:
-        for line in f:
-            try:
-                entry = json.loads(line)
-            except ValueError:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
                 continue
+            try:
+                entry = parse_json(line)
+            except ValueError:
+                entry = None
             if isinstance(entry, dict):
                 yield entry
+            elif bad is not None:
+                bad.append(number)
 
 
-def scan_index(out_dir: Path) -> tuple[dict[str, dict], set[str]]:
-    """One pass over ``DIR/index.jsonl``: (the last entry of each key, every part any line names)."""
+def scan_index(out_dir: Path, warn: bool = False) -> tuple[dict[str, dict], set[str]]:
+    """One pass over ``DIR/index.jsonl``: (the last entry of each key, every part any line names).
+
+    ``warn``: issue a ``VitembedWarning`` naming the lines that are not JSON objects.
+    """
     latest: dict[str, dict] = {}
     named: set[str] = set()
-    for entry in _index_entries(out_dir):
+    bad: list[int] = []
+    for entry in _index_entries(out_dir, bad):
         if isinstance(entry.get("key"), str):
             latest[entry["key"]] = entry
         if isinstance(entry.get("part"), str):
             named.add(entry["part"])
+    if bad and warn:
+        import warnings
+
+        from .errors import VitembedWarning, shown
+
+        lines = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        warnings.warn(
+            f"{shown(Path(out_dir) / INDEX_FILE)}: {len(bad)} line(s) are not valid index entries (line {lines}); "
+            "the inputs they recorded are treated as not done",
+            VitembedWarning,
+            stacklevel=2,
+        )
     return latest, named
 
 
@@ -143,7 +167,9 @@ def read_part(path: Path) -> PartInfo:
             if PACK_TENSOR not in f.keys():
                 return PartInfo(False)
             meta = dict(f.metadata() or {})
-        keys, sources = json.loads(meta.pop("keys")), json.loads(meta.pop("sources"))
+        keys, sources = parse_json(meta.pop("keys")), parse_json(meta.pop("sources"))
+        if not (isinstance(keys, list) and isinstance(sources, list) and len(keys) == len(sources)):
+            return PartInfo(False)
         meta.pop("rows", None)
         return PartInfo(True, run_settings(meta), keys, sources)
     except Exception:
@@ -268,14 +294,14 @@ def iter_packed(out_dir: str | os.PathLike) -> Iterator[tuple[str, str, object]]
         UsageError: DIR holds no packed outputs, or the index names rows that are
             not in their parts (re-run the same ``encode`` to redo them).
     """
-    from .errors import UsageError, printable
+    from .errors import UsageError, shown
     from .inspect import load_tensor
 
     out_dir = Path(out_dir)
-    index = recover_parts(out_dir, *scan_index(out_dir), write=False)
+    index = recover_parts(out_dir, *scan_index(out_dir, warn=True), write=False)
     encoded = [e for e in index.values() if e.get("status") == "encoded"]
     if not encoded and not (out_dir / INDEX_FILE).is_file():
-        raise UsageError(f"{printable(out_dir)} holds no packed outputs (no {INDEX_FILE}, no part files)")
+        raise UsageError(f"{shown(out_dir)} holds no packed outputs (no {INDEX_FILE}, no part files)")
     by_part: dict[str, list[dict]] = {}
     bad: list[dict] = []
     infos: dict[str, PartInfo] = {}
@@ -294,7 +320,7 @@ def iter_packed(out_dir: str | os.PathLike) -> Iterator[tuple[str, str, object]]
     if bad:
         first = bad[0]
         raise UsageError(
-            f"{printable(out_dir / INDEX_FILE)}: {len(bad)} rows are not where it says (first: {first.get('key')!r} "
+            f"{shown(out_dir / INDEX_FILE)}: {len(bad)} rows are not where it says (first: {first.get('key')!r} "
             f"in {first.get('part')!r} row {first.get('row')!r}); run the same encode again to redo them"
         )
     for part in sorted(by_part):

@@ -30,7 +30,7 @@ import torch
 from . import __version__
 from .catalog import DEFAULT_MODEL, get_model_spec
 from .config import layer_index
-from .errors import DeviceError, InputError, UsageError, VitembedWarning, printable
+from .errors import DeviceError, InputError, UsageError, VitembedWarning, printable, shown
 from .inputs import Job, Plan
 from .decode import DecodeOptions
 from .model import VisionTransformer, pack_for_cpu
@@ -50,6 +50,7 @@ from .weights import ResolvedWeights, build_model, resolve_weights
 from .writers import (
     FAILURES_FILE,
     SETTINGS_FILE,
+    DirLock,
     DirState,
     append_failure,
     check_format,
@@ -70,7 +71,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
     Raises:
         DeviceError: an explicit device that is not available (never a silent fallback).
-        UsageError: a name that is not a device.
+        UsageError: a name that is not a device, or ``cpu:N`` (torch has one CPU device).
     """
     if name == "auto":
         if torch.cuda.is_available():
@@ -92,6 +93,8 @@ def resolve_device(name: str = "auto") -> torch.device:
             raise DeviceError(f"--device {name}: MPS is not available")
     elif device.type != "cpu":
         raise UsageError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+    elif device.index is not None:  # torch accepts cpu:N, but there is one CPU device: N would mean nothing
+        raise UsageError(f"--device {name}: the CPU device takes no index; use --device cpu")
     return device
 
 
@@ -326,7 +329,8 @@ class Summary:
     Ctrl-C (KeyboardInterrupt) did. ``log_errors`` says why lines could not be
     appended to ``DIR/failures.jsonl`` or ``DIR/index.jsonl``; ``write_failed`` counts
     outputs that could not be written, ``nonfinite`` embeddings holding Inf or NaN
-    (float16 overflow). Per-input results go to ``on_result``
+    (float16 overflow), ``passed_over`` files a folder walk did not take as images by their
+    names. Per-input results go to ``on_result``
     as they happen and are not kept, so memory does not grow with the number of inputs.
     """
 
@@ -339,6 +343,7 @@ class Summary:
     log_errors: list[str] = field(default_factory=list)
     write_failed: int = 0
     nonfinite: int = 0
+    passed_over: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -454,7 +459,7 @@ class _FileSink:
             write_embedding(job.output, embedding, {**self.metadata, "source": printable(job.source)}, self.fmt)
         except Exception as e:  # disk full, name too long, ...: this output fails, the run goes on
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            error = InputError(job.source, "write-failed", f"cannot write {printable(job.output)}: {reason}")
+            error = InputError(job.source, "write-failed", f"cannot write {shown(job.output)}: {reason}")
             return [Result(job.source, "failed", error=error)]
         return [Result(job.source, "encoded", output=str(job.output))]
 
@@ -468,7 +473,7 @@ class _FileSink:
 class _PackSink:
     """The packed layout (``--pack N``): N embeddings per part file, plus ``index.jsonl`` (packs.py).
 
-    Keys are ``printable(job.relpath)``: JSON text, also for file names that are not UTF-8.
+    Keys are ``Job.key``: JSON text, also for file names that are not UTF-8, and unique in a plan.
     ``index_errors`` collects why index lines could not be appended.
     """
 
@@ -479,12 +484,12 @@ class _PackSink:
         self.index_errors: list[str] = []
 
     def put(self, job: Job, embedding: torch.Tensor) -> list[Result]:
-        key = printable(job.relpath)
+        key = job.key
         self.jobs[key] = job
         return self.close() if self.writer.add(key, printable(job.source), embedding) else []
 
     def failed(self, job: Job, error: InputError) -> None:
-        entry = {"key": printable(job.relpath), "source": printable(job.source), "part": None, "row": None,
+        entry = {"key": job.key, "source": printable(job.source), "part": None, "row": None,
                  "status": "failed", "error_kind": error.kind, "error": error.reason}
         try:
             append_index(self.out_dir, [entry])
@@ -504,7 +509,7 @@ class _PackSink:
             if error is None:
                 results.append(Result(job.source, "encoded", output=str(self.out_dir / part), row=row, key=key))
             else:
-                reason = f"cannot write a part file in {printable(self.out_dir)}: {error.strerror or error}"
+                reason = f"cannot write a part file in {shown(self.out_dir)}: {error.strerror or error}"
                 results.append(Result(job.source, "failed", error=InputError(job.source, "write-failed", reason)))
         return results
 
@@ -595,7 +600,7 @@ def encode_jobs(
         raise UsageError("--pack N needs N >= 1 and --format safetensors" if fmt == "safetensors" or pack < 1
                          else "--pack writes safetensors part files; it cannot be used with --format npy")
     workers = workers or usable_cores()
-    summary = Summary()
+    summary = Summary(passed_over=len(plan.passed_over))
     start = time.perf_counter()
     base_meta = {
         **encoder.metadata(),
@@ -608,16 +613,13 @@ def encode_jobs(
     pre = encoder.preprocess
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     out_dir = Path(plan.out_dir)
-    state = read_dir_state(out_dir)
-    if overwrite:
-        todo, already = list(plan.jobs), []
-        state = DirState(settings, overwrite_started=time.time())
-    else:
-        scan = scan_packs if pack else scan_outputs
-        todo, already = scan(plan, fmt, settings, state)  # raises before anything is written
-        state = DirState(settings, state.overwrite_started if state.settings == settings else None)
-    write_dir_state(out_dir, state)
-    sink = _PackSink(out_dir, pack, plan.sharded, base_meta) if pack else _FileSink(fmt, base_meta)
+    lock = DirLock(out_dir)  # held (shared) until the run ends: see claim_dir
+    try:
+        todo, already, state = claim_dir(plan, fmt, settings, lock, overwrite, scan_packs if pack else scan_outputs)
+        sink = _PackSink(out_dir, pack, plan.sharded, base_meta) if pack else _FileSink(fmt, base_meta)
+    except BaseException:
+        lock.close()
+        raise
 
     def report(result: Result) -> None:
         setattr(summary, result.status, getattr(summary, result.status) + 1)
@@ -659,7 +661,7 @@ def encode_jobs(
     try:
         for result in [
             *(Result(problem.path, "failed", error=problem) for problem in plan.problems),
-            *(Result(source, "skipped", reason=f"same file as {printable(first)}") for source, first in plan.duplicates),
+            *(Result(source, "skipped", reason=f"same file as {shown(first)}") for source, first in plan.duplicates),
             *already,
         ]:
             if summary.stopped:
@@ -695,9 +697,51 @@ def encode_jobs(
                 writer.close()
             except KeyboardInterrupt:
                 summary.interrupted = True
+        lock.close()  # after the last write
         summary.log_errors.extend(dict.fromkeys(sink.index_errors))
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def claim_dir(
+    plan: Plan, fmt: str, settings: dict[str, str], lock: DirLock, overwrite: bool, scan: Callable
+) -> tuple[list[Job], list[Result], DirState]:
+    """Claim DIR for a run with ``settings``: the settings check and the write of
+    ``DIR/vitembed.json`` as one step that concurrent runs cannot interleave.
+
+    Under ``lock`` (held shared; see ``writers.DirLock``): a DIR without settings is
+    claimed by creating ``vitembed.json`` exclusively, so of two runs with different
+    settings started at the same moment one creates it and the other is refused by
+    the comparison that follows; ``overwrite`` with other settings takes the lock
+    exclusively first, and is refused while another run is in DIR.
+
+    Returns:
+        (jobs to encode, results of inputs already done, the state written).
+
+    Raises:
+        UsageError: DIR holds outputs made with other settings, or another run
+            holds DIR while ``overwrite`` would replace its settings.
+    """
+    out_dir = Path(plan.out_dir)
+    state = read_dir_state(out_dir, tolerate_bad=overwrite)
+    if overwrite:
+        if state.settings != settings:
+            lock.take_over()
+        new = DirState(settings, overwrite_started=time.time())
+        write_dir_state(out_dir, new)
+        lock.share()
+        return list(plan.jobs), [], new
+    todo, done = scan(plan, fmt, settings, state)  # raises before anything is written
+    new = DirState(settings, state.overwrite_started if state.settings == settings else None)
+    if state.settings is None:
+        if not write_dir_state(out_dir, new, exclusive=True):  # another run claimed DIR since we read it
+            theirs = read_dir_state(out_dir)
+            if theirs.settings != settings:
+                raise settings_conflict(f"{shown(out_dir)} was just claimed by another run", settings, theirs.settings or {})
+            new = theirs
+    elif new != state:
+        write_dir_state(out_dir, new)
+    return todo, done, new
 
 
 def scan_packs(
@@ -715,20 +759,20 @@ def scan_packs(
     """
     out_dir = Path(plan.out_dir)
     if state.settings is not None and state.settings != settings:
-        raise settings_conflict(f"{printable(out_dir)} holds outputs", settings, state.settings)
+        raise settings_conflict(f"{shown(out_dir)} holds outputs", settings, state.settings)
     redoing = state.overwrite_started
-    index = recover_parts(out_dir, *scan_index(out_dir))
+    index = recover_parts(out_dir, *scan_index(out_dir, warn=True))
     parts: dict[str, tuple[PartInfo, float]] = {}
     todo: list[Job] = []
     done: list[Result] = []
     for job in plan.jobs:
-        key = printable(job.relpath)
+        key = job.key
         try:  # a per-image output of this input: the other layout, refused like other settings
             status, theirs, _ = read_output(job.output, "safetensors")
         except OSError:
             status, theirs = "missing", None
         if status == "complete" and theirs is not None and theirs != settings and redoing is None:
-            raise settings_conflict(f"{printable(job.output)} was", settings, theirs)
+            raise settings_conflict(f"{shown(job.output)} was", settings, theirs)
         entry = index.get(key)
         if entry is None or entry.get("status") != "encoded" or not isinstance(entry.get("part"), str):
             todo.append(job)
@@ -746,7 +790,7 @@ def scan_packs(
             todo.append(job)  # the part is gone, torn, or does not hold this input where the index says
         elif info.settings != settings or (redoing is not None and mtime < redoing):
             if redoing is None:
-                raise settings_conflict(f"{printable(out_dir / name)} was", settings, info.settings or {})
+                raise settings_conflict(f"{shown(out_dir / name)} was", settings, info.settings or {})
             todo.append(job)
         else:
             done.append(Result(job.source, "skipped", output=str(out_dir / name), reason="already done", row=row, key=key))
@@ -773,32 +817,32 @@ def scan_outputs(
             readable ``vitembed.json`` describes.
     """
     if state.settings is not None and state.settings != settings:
-        raise settings_conflict(f"{printable(plan.out_dir)} holds outputs", settings, state.settings)
+        raise settings_conflict(f"{shown(plan.out_dir)} holds outputs", settings, state.settings)
     redoing = state.overwrite_started
     if redoing is None:  # part files of --pack: the other layout, refused like other settings
         for part in sorted(scan_index(Path(plan.out_dir))[1])[:1]:
             info = read_part(Path(plan.out_dir) / part)
             if info.complete and info.settings != settings:
-                raise settings_conflict(f"{printable(Path(plan.out_dir) / part)} was", settings, info.settings or {})
+                raise settings_conflict(f"{shown(Path(plan.out_dir) / part)} was", settings, info.settings or {})
     todo: list[Job] = []
     done: list[Result] = []
     for job in plan.jobs:
         try:
             status, theirs, mtime = read_output(job.output, fmt)
         except OSError as e:
-            error = InputError(job.source, "write-failed", f"cannot use {printable(job.output)}: {e.strerror or e}")
+            error = InputError(job.source, "write-failed", f"cannot use {shown(job.output)}: {e.strerror or e}")
             done.append(Result(job.source, "failed", error=error))
             continue
         if status != "complete":
             todo.append(job)
         elif fmt == "npy" and state.settings is None:
             raise UsageError(
-                f"{printable(plan.out_dir)} holds npy outputs but no readable {SETTINGS_FILE} says how they were "
+                f"{shown(plan.out_dir)} holds npy outputs but no readable {SETTINGS_FILE} says how they were "
                 "made; use --overwrite to re-encode them, or another --out"
             )
         elif (theirs is not None and theirs != settings) or (fmt == "npy" and redoing and mtime < redoing):
             if redoing is None:
-                raise settings_conflict(f"{printable(job.output)} was", settings, theirs or {})
+                raise settings_conflict(f"{shown(job.output)} was", settings, theirs or {})
             todo.append(job)  # left over from before an unfinished --overwrite
         else:
             done.append(Result(job.source, "skipped", output=str(job.output), reason="already done"))

@@ -10,6 +10,8 @@ reference on any device.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 
 import numpy as np
@@ -17,6 +19,7 @@ from PIL import Image
 
 from .config import PreprocessConfig
 from .decode import DecodeOptions, decode_image
+from .errors import InputError
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -28,6 +31,12 @@ _RESAMPLE = {
 }
 
 
+# ``resize`` resizes the whole image, then crops (the reference path, bit for bit), while the resized
+# image holds at most this many times the crop's pixels; beyond, it resizes only the crop's box. At a
+# 224 crop of a 256 shortest edge the reference path covers aspect ratios up to 12:1 (0.8 M pixels).
+MAX_INTERMEDIATE_RATIO = 16
+
+
 def resize(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """RGB PIL image -> (S, S, 3) uint8 array, S = ``cfg.image_size``.
 
@@ -36,6 +45,15 @@ def resize(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     side resized to R, the longer to ``int(R * long / short)`` (transformers'
     ``shortest_edge``). Then, with ``cfg.crop``, the centre S x S, offsets
     rounded as ``cfg.crop_rounding`` says (transformers: down; timm/torchvision: to nearest).
+
+    Memory stays bounded for any shape. When the full resize would hold more than
+    ``MAX_INTERMEDIATE_RATIO`` times S x S pixels (a 1x30000 strip resized to a
+    shorter side of 256 would be 256 x 7.68 M), only what the crop keeps is
+    resized (``_resize_box``), which equals the full path within rounding (the
+    tests check at most 2 levels apart). Ordinary shapes take the reference path,
+    bit for bit. A squash without crop needs no box: its output is R x R, and
+    Pillow resamples a thin strip without a strip-sized intermediate (the tests
+    check 1x30000 both ways).
     """
     target = cfg.resize_to
     width, height = image.size
@@ -45,25 +63,116 @@ def resize(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
         size = (target, int(target * height / width))
     else:
         size = (int(target * width / height), target)
-    if image.size != size:
-        image = image.resize(size, resample=_RESAMPLE[cfg.interpolation], reducing_gap=None)
+    resample = _RESAMPLE[cfg.interpolation]
     if cfg.crop:
         s = cfg.image_size
         if cfg.crop_rounding == "round":  # torchvision CenterCrop: int(round((h - s) / 2.0))
             top, left = int(round((size[1] - s) / 2.0)), int(round((size[0] - s) / 2.0))
         else:  # transformers center_crop
             top, left = (size[1] - s) // 2, (size[0] - s) // 2
+        if image.size != size and size[0] * size[1] > MAX_INTERMEDIATE_RATIO * s * s:
+            # The crop in source coordinates: resized pixel x covers source [x, x + 1) * width / size[0].
+            box = (
+                left * width / size[0],
+                top * height / size[1],
+                min(width, (left + s) * width / size[0]),
+                min(height, (top + s) * height / size[1]),
+            )
+            return np.array(_resize_box(image, s, box, cfg.interpolation, size), dtype=np.uint8)
+    if image.size != size:
+        image = image.resize(size, resample=resample, reducing_gap=None)
+    if cfg.crop:
         image = image.crop((left, top, left + s, top + s))
     return np.array(image, dtype=np.uint8)  # a writable copy, safe to hand to torch
+
+
+# Radius of each Pillow filter, in output pixels (Pillow's Resample.c; NEAREST samples one pixel).
+_SUPPORT = {"nearest": 0.5, "box": 0.5, "bilinear": 1.0, "hamming": 1.0, "bicubic": 2.0, "lanczos": 3.0}
+
+
+def _resize_box(
+    image: Image.Image,
+    side: int,
+    box: tuple[float, float, float, float],
+    interpolation: str,
+    full: tuple[int, int],
+) -> Image.Image:
+    """The ``box`` of ``image`` (float source coordinates) resampled to ``side`` x ``side``: what
+    resizing the whole image to ``full`` and cropping gives, within rounding.
+
+    Only the source pixels under the filter's reach are used: they are cut out first (with a
+    margin), so work and memory scale with the crop, not the image, and the box is handed to
+    Pillow's ``Image.resize(size, box=...)`` relative to the cut-out (Pillow takes box coordinates
+    as 32-bit floats, too coarse far from the origin). The filter scale and pixel centres are the
+    full resize's. Pillow resamples in two passes (columns, then rows), its intermediate rounded
+    to uint8; this does one pass per axis in the order Pillow would take for the full resize, so
+    the two differ only where a pixel centre rounds differently: a level at most with the smooth
+    filters (bilinear, bicubic, lanczos, hamming); with ``nearest`` and ``box`` a centre that falls
+    on a source pixel's edge may take the neighbouring pixel.
+    """
+    resample = _RESAMPLE[interpolation]
+    spans = []
+    for lo, hi, extent in ((box[0], box[2], image.width), (box[1], box[3], image.height)):
+        reach = _SUPPORT[interpolation] * max((hi - lo) / side, 1.0)  # filter radius in source pixels
+        spans.append((max(0, math.floor(lo - reach) - 1), min(extent, math.ceil(hi + reach) + 1)))
+    (c0, c1), (r0, r1) = spans
+    part = image.crop((c0, r0, c1, r1))
+    columns = (box[0] - c0, box[2] - c0)
+    rows = (box[1] - r0, box[3] - r0)
+    if _rows_first(image.size, full):
+        tall = part.resize((c1 - c0, side), resample, box=(0, rows[0], c1 - c0, rows[1]), reducing_gap=None)
+        return tall.resize((side, side), resample, box=(columns[0], 0, columns[1], side), reducing_gap=None)
+    wide = part.resize((side, r1 - r0), resample, box=(columns[0], 0, columns[1], r1 - r0), reducing_gap=None)
+    return wide.resize((side, side), resample, box=(0, rows[0], side, rows[1]), reducing_gap=None)
+
+
+def _rows_first(source: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Whether Pillow resizes ``source`` to ``size`` rows first. Pillow 13 does so when the image
+    loses more than twice as many rows as columns (python-pillow/Pillow#9549; the rule as observed on
+    Pillow 13.0, checked against hundreds of random sizes); earlier versions always resample the
+    columns first (``_pillow_can_go_rows_first`` tells which this Pillow is)."""
+    (w, h), (width, height) = source, size
+    return height < h and h - height > 2 * (w - width) and _pillow_can_go_rows_first()
+
+
+@functools.lru_cache(maxsize=1)
+def _pillow_can_go_rows_first() -> bool:
+    """True if this Pillow resamples rows first where ``_rows_first`` says: checked once on a
+    32x8 ramp resized to 12x6, whose two orders give different pixels."""
+    ramp = Image.fromarray((np.arange(32 * 8 * 3).reshape(32, 8, 3) * 37 % 256).astype(np.uint8))  # RGB
+    bicubic = Image.Resampling.BICUBIC
+    reference = ramp.resize((12, 6), bicubic, reducing_gap=None)
+    rows_first = ramp.resize((8, 6), bicubic, reducing_gap=None).resize((12, 6), bicubic, reducing_gap=None)
+    return reference.tobytes() == rows_first.tobytes()
 
 
 def load_pixels(path: str | os.PathLike, cfg: PreprocessConfig, options: DecodeOptions = DecodeOptions()) -> np.ndarray:
     """The decode + resize stage for one file: path -> (S, S, 3) uint8 RGB.
 
     Raises:
-        InputError: the file cannot be decoded (see ``decode.open_image``).
+        InputError: the file cannot be decoded (see ``decode.open_image``), or kind
+            ``out-of-memory`` when decoding or resizing it runs out of memory (the
+            message gives the image's size when its header could be read).
     """
-    return resize(decode_image(path, options), cfg)
+    name = os.fspath(path)
+    image = None
+    try:
+        image = decode_image(path, options)
+        return resize(image, cfg)
+    except MemoryError:
+        size = image.size if image is not None else _header_size(name)
+        image = None  # not kept alive by the traceback while the caller handles the error
+        what = f"this {size[0]}x{size[1]} image" if size else "this image"
+        raise InputError(name, "out-of-memory", f"not enough memory to decode and resize {what}") from None
+
+
+def _header_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the file's header, without decoding it; None if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:
+        return None
 
 
 def normalize_table(cfg: PreprocessConfig):

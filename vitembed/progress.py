@@ -35,7 +35,7 @@ def start_panel(console: Console, encoder, workers: int, out: Path, pack: int | 
     ]
     for key, value in rows:
         table.add_row(Text(key, style="bold"), Text(value))
-    console.print(Panel(table, title=f"vitembed", expand=False))
+    console.print(Panel(table, title="vitembed", expand=False))
 
 
 class _Speed(ProgressColumn):

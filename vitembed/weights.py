@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,10 +150,20 @@ def _for_checkpoint(
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file, strictly (``files.read_json``).
+
+    Raises:
+        CheckpointError: naming the file: unreadable, not a regular file, or not strict JSON.
+    """
+    from .errors import shown
+    from .files import read_json
+
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON: {e}") from None
+        return read_json(path)
+    except OSError as e:
+        raise CheckpointError(f"{shown(path)}: cannot read: {e.strerror or e}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{shown(path)}: not valid JSON: {e}") from None
 
 
 def _from_hub(spec: ModelSpec, progress: bool) -> tuple[ResolvedWeights | None, str]:
@@ -284,32 +293,89 @@ def read_state_dict(file: Path) -> dict[str, Any]:
     return obj
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this process can still get: ``MemAvailable`` of ``/proc/meminfo``
+    (Linux), else the physical memory (``os.sysconf``); None when neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_memory(cfg: ViTConfig, source: str, copies: int = 1) -> int:
+    """Refuse a model whose float32 parameters would not fit in the memory at hand.
+
+    Args:
+        cfg: the architecture.
+        source: what it came from (a config.json, a model name), for the message.
+        copies: copies of the parameters held at once while loading (2: the
+            checkpoint's tensors beside the model's).
+
+    Returns:
+        The number of parameters (``VisionTransformer.num_parameters``).
+
+    Raises:
+        CheckpointError: the parameters need more than the available memory;
+            the message says how many and how large.
+    """
+    from .model import num_parameters
+
+    count = num_parameters(cfg)
+    need = count * 4 * copies
+    have = available_memory()
+    if have is not None and need > have:
+        raise CheckpointError(
+            f"{source}: the model has {count:,} parameters ({count * 4 / 2**30:.1f} GiB in float32"
+            f"{f', {need / 2**30:.1f} GiB while loading' if copies > 1 else ''}); only {have / 2**30:.1f} GiB "
+            "of memory is available"
+        )
+    return count
+
+
 def build_model(weights: ResolvedWeights):
     """The ``VisionTransformer`` for ``weights``: float32, CPU, eval mode.
 
     Random weights use the standard initialisation from ``weights.seed``;
     otherwise the checkpoint is converted (``convert.convert_state_dict``), its
     position embedding resampled if the input size changed
-    (``convert.resample_pos_embed``), and loaded strictly.
+    (``convert.resample_pos_embed``), checked key by key and shape by shape
+    against the architecture built on the ``meta`` device (no memory), and only
+    then is the model allocated and the checkpoint loaded strictly. Before
+    anything is allocated, a model too large for the available memory is refused.
 
     Raises:
-        CheckpointError: keys or shapes that do not fit (first mismatching key named).
+        CheckpointError: keys or shapes that do not fit (first mismatching key
+            named), or a model larger than the available memory.
     """
-    from .convert import convert_state_dict, embed_class_positions, load_converted, resample_pos_embed
+    import torch
+
+    from .convert import check_converted, convert_state_dict, embed_class_positions, resample_pos_embed
     from .model import VisionTransformer
 
     cfg = weights.config
-    model = VisionTransformer(cfg)
+    source = str(weights.file) if weights.file is not None else weights.source
     if weights.random:
-        model.init_weights(seed=weights.seed or 0)
-    else:
-        assert weights.file is not None
-        state_dict = convert_state_dict(read_state_dict(weights.file), str(weights.file))
-        state_dict = embed_class_positions(state_dict, cfg.num_embedded_prefix_tokens)
-        if weights.trained_image_size and "pos_embed" in state_dict:
-            grid = (cfg.grid_size, cfg.grid_size)
-            state_dict["pos_embed"] = resample_pos_embed(
-                state_dict["pos_embed"], grid, cfg.num_embedded_prefix_tokens, antialias=cfg.pos_embed_antialias
-            )
-        load_converted(model, state_dict, str(weights.file))
+        check_fits_memory(cfg, f"model {weights.source} ({cfg.family})")
+        return VisionTransformer(cfg).init_weights(seed=weights.seed or 0).eval()
+    assert weights.file is not None
+    check_fits_memory(cfg, source, copies=2)
+    state_dict = convert_state_dict(read_state_dict(weights.file), str(weights.file))
+    state_dict = embed_class_positions(state_dict, cfg.num_embedded_prefix_tokens)
+    if weights.trained_image_size and "pos_embed" in state_dict:
+        grid = (cfg.grid_size, cfg.grid_size)
+        state_dict["pos_embed"] = resample_pos_embed(
+            state_dict["pos_embed"], grid, cfg.num_embedded_prefix_tokens, antialias=cfg.pos_embed_antialias
+        )
+    with torch.device("meta"):
+        model = VisionTransformer(cfg)
+    check_converted(model, state_dict, str(weights.file))  # before the model takes any memory
+    model = model.to_empty(device="cpu")  # every parameter is then set from the checkpoint
+    model.load_state_dict(state_dict, strict=True)  # copies, casting to float32
     return model.eval()

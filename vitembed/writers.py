@@ -40,20 +40,24 @@ def _umask() -> int:
 def check_out_dir(out_dir: str | os.PathLike) -> None:
     """Raise UsageError unless ``out_dir`` is, or can be created as, a writable folder.
 
+    An empty path is refused (``Path("")`` would mean the current folder).
+
     Creates nothing: the nearest existing ancestor is checked instead.
     """
-    from .errors import UsageError, printable
+    from .errors import UsageError, shown
 
+    if not os.fspath(out_dir):  # Path("") is the current folder: never write there by accident
+        raise UsageError("--out: empty path; name the output folder (use --out . for the current folder)")
     path = Path(out_dir).absolute()
     if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {printable(out_dir)}: exists and is not a folder")
+        raise UsageError(f"--out {shown(out_dir)}: exists and is not a folder")
     existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise UsageError(f"--out {printable(out_dir)}: {printable(existing)} is not a folder")
+        raise UsageError(f"--out {shown(out_dir)}: {shown(existing)} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {printable(out_dir)}: {printable(existing)} is not writable")
+        raise UsageError(f"--out {shown(out_dir)}: {shown(existing)} is not writable")
 
 
 def atomic_write(path: Path, *chunks: bytes | memoryview, exclusive: bool = False) -> None:
@@ -171,49 +175,147 @@ class DirState:
     overwrite_started: float | None = None
 
 
-def read_dir_state(out_dir: Path) -> DirState:
-    """Read ``DIR/vitembed.json`` (missing or unreadable JSON gives an empty state).
+def read_dir_state(out_dir: Path, tolerate_bad: bool = False) -> DirState:
+    """Read ``DIR/vitembed.json`` (a missing file gives an empty state).
+
+    Args:
+        tolerate_bad: give an empty state for a file that is not strict JSON or
+            does not hold settings (``--overwrite`` replaces it anyway).
 
     Raises:
-        UsageError: the path exists but cannot be read as a file (a folder, no permission).
+        UsageError: the path exists but cannot be read as a regular file (a folder,
+            a FIFO, no permission), or (unless ``tolerate_bad``) does not hold settings
+            as vitembed writes them (malformed JSON, NaN/Infinity, deep nesting).
     """
-    import json
-
-    from .errors import UsageError, printable
+    from .errors import UsageError, shown
+    from .files import read_json
 
     path = Path(out_dir) / SETTINGS_FILE
     try:
-        text = path.read_text()
+        data = read_json(path)
     except FileNotFoundError:
         return DirState()
     except OSError as e:
-        raise UsageError(f"cannot read {printable(path)}: {e.strerror or e}") from None
-    try:
-        data = json.loads(text)
-        settings = data["settings"]
-        started = data.get("overwrite_started")
-        if not isinstance(settings, dict) or not all(isinstance(v, str) for v in settings.values()):
-            return DirState()
+        raise UsageError(f"cannot read {shown(path)}: {e.strerror or e}") from None
+    except ValueError as e:
+        data, problem = None, f"not valid JSON ({e})"
+    else:
+        problem = "does not hold settings as vitembed writes them"
+    settings = data.get("settings") if isinstance(data, dict) else None
+    started = data.get("overwrite_started") if isinstance(data, dict) else None
+    if (
+        isinstance(settings, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in settings.items())
+        and (started is None or (isinstance(started, (int, float)) and not isinstance(started, bool)))
+    ):
         return DirState(settings, float(started) if started is not None else None)
-    except (ValueError, KeyError, TypeError):
+    if tolerate_bad:
         return DirState()
+    raise UsageError(
+        f"{shown(path)}: {problem}; it says how the outputs in {shown(out_dir)} were made. "
+        "Restore it, or use --overwrite to re-encode everything, or another --out"
+    )
 
 
-def write_dir_state(out_dir: Path, state: DirState) -> None:
+def write_dir_state(out_dir: Path, state: DirState, exclusive: bool = False) -> bool:
     """Write ``DIR/vitembed.json`` atomically.
+
+    Args:
+        exclusive: only if no such file exists (another run may have claimed DIR
+            in the meantime).
+
+    Returns:
+        True when written; False only with ``exclusive`` when the file already exists.
 
     Raises:
         UsageError: it cannot be written.
     """
     import json
 
-    from .errors import UsageError, printable
+    from .errors import UsageError, shown
 
     body = {"settings": state.settings, "overwrite_started": state.overwrite_started}
     try:
-        atomic_write(Path(out_dir) / SETTINGS_FILE, (json.dumps(body, indent=1, sort_keys=True) + "\n").encode())
+        atomic_write(Path(out_dir) / SETTINGS_FILE, (json.dumps(body, indent=1, sort_keys=True) + "\n").encode(), exclusive=exclusive)
+    except FileExistsError:
+        if exclusive:
+            return False
+        raise UsageError(f"cannot write {shown(Path(out_dir) / SETTINGS_FILE)}: it exists") from None
     except OSError as e:
-        raise UsageError(f"cannot write {printable(Path(out_dir) / SETTINGS_FILE)}: {e.strerror or e}") from None
+        raise UsageError(f"cannot write {shown(Path(out_dir) / SETTINGS_FILE)}: {e.strerror or e}") from None
+    return True
+
+
+LOCK_FILE = ".vitembed.lock"
+
+
+class DirLock:
+    """An advisory lock on an output folder, held for a whole run (``fcntl.flock`` on
+    ``DIR/.vitembed.lock``; the OS releases it when the process ends, however it ends).
+
+    Every run holds it shared, from before it reads ``DIR/vitembed.json`` to its
+    end, so runs with the same settings work side by side (shards, a resumed job
+    beside a running one). A run that replaces DIR's settings (``--overwrite``
+    with other settings) needs it exclusive for the moment it writes
+    ``vitembed.json`` (``take_over``), and is refused while any other run is in
+    DIR; runs starting meanwhile wait that moment out, then read the new settings.
+    On a file system without ``flock`` the lock is a no-op (``locked`` is False).
+
+    Raises:
+        UsageError: DIR or its lock file cannot be created or opened.
+    """
+
+    def __init__(self, out_dir: Path):
+        import fcntl
+
+        from .errors import UsageError, shown
+        from .files import open_regular
+
+        self.out_dir = Path(out_dir)
+        path = self.out_dir / LOCK_FILE
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.fd: int | None = open_regular(path, os.O_RDWR | os.O_CREAT)
+        except OSError as e:
+            raise UsageError(f"cannot open {shown(path)}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_SH)
+            self.locked = True
+        except OSError:  # e.g. a FUSE file system without flock: go on unlocked, as before locks existed
+            self.locked = False
+
+    def take_over(self) -> None:
+        """Hold the lock exclusively, to replace DIR's settings; ``share`` afterwards.
+
+        Raises:
+            UsageError: another run holds DIR (this run's shared hold is then gone too).
+        """
+        import fcntl
+
+        from .errors import UsageError, shown
+
+        if not self.locked or self.fd is None:
+            return
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(
+                f"another vitembed run is writing into {shown(self.out_dir)}; replacing its settings now would mix "
+                "outputs made two ways. Wait for it to finish, or use another --out"
+            ) from None
+
+    def share(self) -> None:
+        """Back to a shared hold after ``take_over``."""
+        import fcntl
+
+        if self.locked and self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_SH)
+
+    def close(self) -> None:
+        """Release the lock (closing the file releases it)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def settings_conflict(where: str, ours: dict[str, str], theirs: dict[str, str]):
@@ -263,6 +365,9 @@ def append_failure(out_dir: Path, source: str, kind: str, message: str, run: str
     ``run`` is the start time of the run (ISO 8601), so that a re-run's failures can be told apart.
 
     One ``write`` on a file opened with O_APPEND, so concurrent shards do not interleave lines.
+
+    Raises:
+        OSError: the log cannot be written (``files.NotRegularFileError`` for a FIFO or folder there).
     """
     import json
     import time
@@ -280,7 +385,9 @@ def append_failure(out_dir: Path, source: str, kind: str, message: str, run: str
         },
         ensure_ascii=False,
     )
-    fd = os.open(Path(out_dir) / FAILURES_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    from .files import open_regular
+
+    fd = open_regular(Path(out_dir) / FAILURES_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
     try:
         os.write(fd, (line + "\n").encode())
     finally:

@@ -1,0 +1,516 @@
+"""Hostile and concurrent use: names that print alike, two runs racing into one DIR, absurd
+configs, malformed JSON, FIFOs where vitembed keeps its files, odd names, bad options.
+
+Each test makes the input that showed the problem (issue 9) and checks the behaviour that fixes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from .conftest import SMALL, jpeg_bytes, photo, run_cli
+
+
+def _summary(stderr: bytes) -> str:
+    return [line for line in stderr.decode().splitlines() if line.startswith("encoded ")][-1]
+
+
+def _json_lines(stdout: bytes) -> list[dict]:
+    return [json.loads(line) for line in stdout.decode().splitlines()]
+
+
+def _layer(path: Path) -> str:
+    with safe_open(str(path), framework="numpy") as f:
+        return f.metadata()["layer"]
+
+
+# 1. Names that print the same ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pack", [None, "10"])
+def test_names_that_print_the_same_are_refused_as_collision(tmp_path, small_ckpt, pack):
+    src = tmp_path / "in"
+    src.mkdir()
+    raw = os.fsdecode(b"k\xff.jpg")  # the raw byte 0xff: not UTF-8
+    literal = "k\\xff.jpg"  # the four characters \ x f f, which is how the raw name prints
+    for i, name in enumerate((raw, literal)):
+        (src / name).write_bytes(jpeg_bytes(photo(40, 30, seed=i)))
+    out = tmp_path / "out"
+    args = ["encode", str(src), "--out", str(out), "--weights", str(small_ckpt), "--json"]
+    if pack:
+        args += ["--pack", pack]
+    first = run_cli(*args)
+    assert first.returncode == 1, first.stderr.decode()
+    assert "Traceback" not in first.stderr.decode()
+    lines = _json_lines(first.stdout)
+    assert sorted(line["status"] for line in lines) == ["encoded", "failed"]
+    failed = next(line for line in lines if line["status"] == "failed")
+    assert failed["error_kind"] == "collision" and "prints the same" in failed["error"]
+    again = run_cli(*args)
+    assert _summary(again.stderr).startswith("encoded 0, skipped 1, failed 1"), again.stderr.decode()
+    if pack:
+        from vitembed.packs import iter_packed
+
+        rows = list(iter_packed(out))
+        assert len(rows) == 1 and rows[0][0] == literal
+
+
+def test_job_keys_are_unique_in_a_plan(tmp_path):
+    from vitembed.inputs import plan_jobs
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in (os.fsdecode(b"a\xfe.png"), "a\\xfe.png", "b.png"):
+        photo(20, 20).save(src / name, "PNG")
+    plan = plan_jobs([str(src)], tmp_path / "out", "safetensors")
+    assert len(plan.jobs) == 2 and len({job.key for job in plan.jobs}) == 2
+    assert [p.kind for p in plan.problems] == ["collision"]
+
+
+# 2. Two runs into one DIR ----------------------------------------------------------------------
+
+
+def _cli_process(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "vitembed", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def test_two_runs_with_different_settings_started_together_never_mix(tmp_path, small_ckpt):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):
+        (src / f"img{i}.jpg").write_bytes(jpeg_bytes(photo(48, 40, seed=i)))
+    for attempt in range(4):
+        out = tmp_path / f"out{attempt}"
+        common = ("encode", str(src), "--out", str(out), "--weights", str(small_ckpt), "--batch-size", "1")
+        procs = [_cli_process(*common, "--layer", layer) for layer in ("last", "1")]
+        results = [(p.wait(timeout=300), p.stderr.read().decode()) for p in procs]
+        codes = sorted(code for code, _ in results)
+        assert codes == [0, 2], results
+        refused = next(err for code, err in results if code == 2)
+        assert "other settings" in refused and "layer" in refused, refused
+        settings = json.loads((out / "vitembed.json").read_text())["settings"]
+        layers = {_layer(p) for p in out.glob("*.safetensors")}
+        assert layers == {settings["layer"]} and len(list(out.glob("*.safetensors"))) == 4
+
+
+def test_settings_claim_is_atomic_when_both_runs_read_before_either_writes(tmp_path, small_ckpt, monkeypatch):
+    """Two runs in one process, both past their settings check before either writes vitembed.json."""
+    import threading
+
+    from vitembed import pipeline
+    from vitembed.errors import UsageError
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        (src / f"img{i}.jpg").write_bytes(jpeg_bytes(photo(48, 40, seed=i)))
+    out = tmp_path / "out"
+    barrier = threading.Barrier(2, timeout=60)
+    scan = pipeline.scan_outputs
+
+    def scan_then_wait(*args):
+        result = scan(*args)
+        barrier.wait()  # both have read DIR (no settings yet) and scanned it
+        return result
+
+    monkeypatch.setattr(pipeline, "scan_outputs", scan_then_wait)
+    encoders = {layer: pipeline.load_encoder(weights=str(small_ckpt), layer=layer) for layer in ("last", "1")}
+    outcome: dict[str, object] = {}
+
+    def run(layer: str) -> None:
+        try:
+            outcome[layer] = pipeline.encode([str(src)], out, encoder=encoders[layer], workers=1)
+        except UsageError as e:
+            outcome[layer] = e
+
+    threads = [threading.Thread(target=run, args=(layer,)) for layer in encoders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    refused = [layer for layer, o in outcome.items() if isinstance(o, UsageError)]
+    assert len(refused) == 1 and "just claimed by another run" in str(outcome[refused[0]])
+    winner = next(layer for layer in encoders if layer not in refused)
+    assert outcome[winner].encoded == 3
+    assert {_layer(p) for p in out.glob("*.safetensors")} == {winner}
+    assert json.loads((out / "vitembed.json").read_text())["settings"]["layer"] == winner
+
+
+def test_overwrite_with_other_settings_is_refused_while_another_run_holds_dir(tmp_path, small_ckpt):
+    from vitembed.writers import DirLock
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(jpeg_bytes(photo(48, 40)))
+    out = tmp_path / "out"
+    args = ("encode", str(src), "--out", str(out), "--weights", str(small_ckpt))
+    assert run_cli(*args).returncode == 0
+    running = DirLock(out)  # what a run with these settings holds while it works
+    try:
+        refused = run_cli(*args, "--layer", "1", "--overwrite")
+        assert refused.returncode == 2 and "another vitembed run is writing into" in refused.stderr.decode()
+        assert _layer(out / "a.jpg.safetensors") == "last"
+        same = run_cli(*args, "--overwrite")  # the same settings: works beside it
+        assert same.returncode == 0, same.stderr.decode()
+    finally:
+        running.close()
+    replaced = run_cli(*args, "--layer", "1", "--overwrite")
+    assert replaced.returncode == 0 and _layer(out / "a.jpg.safetensors") == "1"
+
+
+# 4. Absurd configs -----------------------------------------------------------------------------
+
+
+def _checkpoint_with_config(tmp_path: Path, small_ckpt: Path, **config) -> Path:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes((small_ckpt / "model.safetensors").read_bytes())
+    hf = json.loads((small_ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**hf, **config}))
+    return ckpt
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(hidden_size=4096, num_hidden_layers=100, num_attention_heads=16, intermediate_size=16384),
+        dict(hidden_size=16384, num_hidden_layers=512, num_attention_heads=128, intermediate_size=65536),
+    ],
+)
+def test_model_too_large_for_memory_is_a_setup_error(tmp_path, small_ckpt, config):
+    ckpt = _checkpoint_with_config(tmp_path, small_ckpt, **config)
+    img = tmp_path / "a.png"
+    photo(40, 30).save(img)
+    r = run_cli("encode", str(img), "--out", str(tmp_path / "out"), "--weights", str(ckpt))
+    err = r.stderr.decode()
+    assert r.returncode == 2, err
+    assert "parameters" in err and "GiB" in err and "memory is available" in err and "Traceback" not in err
+
+
+def test_checkpoint_shapes_are_checked_before_the_model_is_allocated(tmp_path, small_ckpt, monkeypatch):
+    from vitembed.catalog import get_model_spec
+    from vitembed.errors import CheckpointError
+    from vitembed.model import VisionTransformer
+    from vitembed.weights import build_model, resolve_weights
+
+    ckpt = _checkpoint_with_config(tmp_path, small_ckpt, hidden_size=96, intermediate_size=192)
+    weights = resolve_weights(get_model_spec("vit-base-patch16-224"), ckpt)
+
+    import torch
+
+    built_on: list[str] = []
+    init = VisionTransformer.__init__
+
+    def recording_init(self, cfg):
+        built_on.append(torch.get_default_device().type)
+        init(self, cfg)
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("the model was allocated before its shapes were checked")
+
+    monkeypatch.setattr(VisionTransformer, "__init__", recording_init)
+    monkeypatch.setattr(VisionTransformer, "to_empty", no_allocation)
+    monkeypatch.setattr(VisionTransformer, "init_weights", no_allocation)
+    with pytest.raises(CheckpointError, match="has shape"):
+        build_model(weights)
+    assert built_on and set(built_on) == {"meta"}
+
+
+def test_memory_check_counts_parameters_exactly():
+    import torch
+
+    from vitembed.config import ViTConfig
+    from vitembed.model import VisionTransformer, num_parameters
+
+    cfg = ViTConfig.from_transformers({**SMALL, "num_hidden_layers": 2})
+    assert num_parameters(cfg) == sum(p.numel() for p in VisionTransformer(cfg).parameters())
+    assert num_parameters(ViTConfig()) == 85_798_656  # ViT-B/16 at 224 without a head
+    assert torch.get_default_device().type == "cpu"  # counting on meta leaves the default alone
+
+
+# 6. Malformed JSON -----------------------------------------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"hidden_size": Infinity}',
+        '{"hidden_size": 1e400}',
+        '{"hidden_size": NaN}',
+        '{"hidden_size": 48, "deep": ' + DEEP + "}",
+        '{"hidden_size": 1' + "0" * 5000 + "}",
+    ],
+    ids=["infinity", "overflow", "nan", "deep", "long-int"],
+)
+def test_malformed_config_json_is_a_setup_error_naming_the_file(tmp_path, small_ckpt, text):
+    ckpt = _checkpoint_with_config(tmp_path, small_ckpt)
+    hf = json.loads((ckpt / "config.json").read_text())
+    body = json.dumps({k: v for k, v in hf.items() if k != "hidden_size"})
+    (ckpt / "config.json").write_text(body[:-1] + ", " + text[1:])
+    img = tmp_path / "a.png"
+    photo(40, 30).save(img)
+    r = run_cli("encode", str(img), "--out", str(tmp_path / "out"), "--weights", str(ckpt))
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "config.json" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("text", ['{"size": {"height": Infinity, "width": 32}}', '{"size": ' + DEEP + "}"])
+def test_malformed_preprocessor_config_is_a_setup_error(tmp_path, small_ckpt, text):
+    ckpt = _checkpoint_with_config(tmp_path, small_ckpt)
+    (ckpt / "preprocessor_config.json").write_text(text)
+    img = tmp_path / "a.png"
+    photo(40, 30).save(img)
+    r = run_cli("encode", str(img), "--out", str(tmp_path / "out"), "--weights", str(ckpt))
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "preprocessor_config.json" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("text", ['{"settings": {"layer": "last"}, "overwrite_started": Infinity}', DEEP, '{"settings": 1e400}'])
+def test_malformed_settings_file_is_a_setup_error_and_overwrite_replaces_it(tmp_path, small_ckpt, text):
+    img = tmp_path / "a.png"
+    photo(40, 30).save(img)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "vitembed.json").write_text(text)
+    args = ("encode", str(img), "--out", str(out), "--weights", str(small_ckpt))
+    r = run_cli(*args)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "vitembed.json" in err and "Traceback" not in err, err
+    assert run_cli(*args, "--overwrite").returncode == 0
+    assert run_cli(*args).returncode == 0
+
+
+def test_bad_index_lines_are_reported_and_their_inputs_redone(tmp_path, small_ckpt):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        (src / f"img{i}.jpg").write_bytes(jpeg_bytes(photo(40, 30, seed=i)))
+    out = tmp_path / "out"
+    args = ("encode", str(src), "--out", str(out), "--weights", str(small_ckpt), "--pack", "1")
+    assert run_cli(*args).returncode == 0
+    index = out / "index.jsonl"
+    lines = index.read_text().splitlines()
+    assert len(lines) == 3
+    lines[1] = lines[1].replace('"row": 0', '"row": 1e400')
+    lines[2] = DEEP
+    index.write_text("\n".join(lines) + "\n")
+    r = run_cli(*args)
+    err = r.stderr.decode()
+    assert r.returncode == 0 and "Traceback" not in err, err
+    assert "2 line(s) are not valid index entries (line 2, 3)" in err
+    # the lines name parts whose keys say which inputs they hold: those are indexed again, not lost
+    assert _summary(r.stderr).startswith("encoded 0, skipped 3") or _summary(r.stderr).startswith("encoded 2, skipped 1")
+
+
+# 7. FIFOs where vitembed keeps its files -------------------------------------------------------
+
+
+def test_fifo_in_place_of_the_settings_file_is_refused_not_hanging(tmp_path, small_ckpt):
+    img = tmp_path / "a.png"
+    photo(40, 30).save(img)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "vitembed.json")
+    r = run_cli("encode", str(img), "--out", str(out), "--weights", str(small_ckpt), timeout=120)
+    assert r.returncode == 2 and "vitembed.json: not a regular file" in r.stderr.decode(), r.stderr.decode()
+
+
+def test_fifo_in_place_of_the_failures_log_is_a_warning_not_a_hang(tmp_path, small_ckpt):
+    src = tmp_path / "in"
+    src.mkdir()
+    photo(40, 30).save(src / "good.png")
+    (src / "bad.png").write_text("not a png")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "failures.jsonl")
+    r = run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt), timeout=120)
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "cannot append to failures.jsonl: not a regular file" in err, err
+    assert _summary(r.stderr).startswith("encoded 1, skipped 0, failed 1")
+    assert (out / "good.png.safetensors").is_file()
+
+
+def test_open_regular_refuses_fifos_for_reading_and_writing(tmp_path):
+    from vitembed.files import NotRegularFileError, open_regular
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for flags in (os.O_RDONLY, os.O_WRONLY | os.O_APPEND, os.O_RDWR | os.O_CREAT):
+        with pytest.raises(NotRegularFileError):
+            open_regular(fifo, flags)
+    with pytest.raises(NotRegularFileError):
+        open_regular(tmp_path, os.O_RDONLY)
+
+
+# 9. The folder walk ----------------------------------------------------------------------------
+
+
+def test_walk_takes_every_extension_pillow_reads_and_counts_what_it_passes_over(tmp_path, small_ckpt):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "photo.mpo").write_bytes(jpeg_bytes(photo(40, 30)))  # MPO: a JPEG container, listed as supported
+    photo(32, 32).save(src / "icon.cur", "ICO")
+    photo(40, 30).save(src / "pic.pcd.png")
+    (src / "no_extension").write_bytes(jpeg_bytes(photo(40, 30)))
+    (src / "notes.txt").write_text("hello")
+    listed = run_cli("encode", str(src), "--out", str(tmp_path / "o"), "--list")
+    assert listed.returncode == 0
+    assert sorted(Path(line.split("\t")[0]).name for line in listed.stdout.decode().splitlines()) == [
+        "icon.cur", "photo.mpo", "pic.pcd.png"]
+    assert "passed over 2 files that are not images by name (--verbose names them)" in listed.stderr.decode()
+    verbose = run_cli("encode", str(src), "--out", str(tmp_path / "o"), "--list", "--verbose")
+    assert f"passed over: {src / 'no_extension'} (not an image by name)" in verbose.stderr.decode()
+    as_json = _json_lines(run_cli("encode", str(src), "--out", str(tmp_path / "o"), "--list", "--json").stdout)
+    assert sorted(Path(line["source"]).name for line in as_json if line.get("status") == "passed-over") == [
+        "no_extension", "notes.txt"]
+    r = run_cli("encode", str(src), "--out", str(tmp_path / "out"), "--weights", str(small_ckpt))
+    assert r.returncode == 0, r.stderr.decode()
+    assert _summary(r.stderr).startswith("encoded 3, skipped 0, failed 0")
+    assert "passed over 2 files that are not images by name" in r.stderr.decode()
+
+
+def test_walk_extensions_come_from_pillow():
+    from PIL import Image
+
+    from vitembed.inputs import image_extensions
+
+    exts = image_extensions()
+    assert {".mpo", ".cur", ".jpg", ".png", ".webp", ".tif", ".heic", ".avif", ".dds", ".icns"} <= exts
+    assert not exts & {".pdf", ".h5", ".grib", ".bufr", ".wmf", ".mpg", ".txt"}
+    assert exts - {".heic", ".heif", ".hif", ".avif", ".avifs"} <= set(Image.registered_extensions())
+
+
+# 11. Names on stderr ---------------------------------------------------------------------------
+
+
+def test_control_characters_in_names_are_escaped_on_stderr(tmp_path, small_ckpt):
+    src = tmp_path / "in"
+    src.mkdir()
+    evil = "x\nencoded 99, skipped 0, failed 0 in 1.0 s\x1b[31m.jpg"
+    (src / evil).write_text("not a jpeg")
+    photo(40, 30).save(src / "good.png")
+    r = run_cli("encode", str(src), "--out", str(tmp_path / "out"), "--weights", str(small_ckpt))
+    err = r.stderr.decode()
+    assert r.returncode == 1
+    assert "\x1b" not in err
+    assert [line for line in err.splitlines() if line.startswith("encoded ")] == [_summary(r.stderr)]
+    assert _summary(r.stderr).startswith("encoded 1, skipped 0, failed 1")
+    assert "x\\nencoded 99, skipped 0, failed 0 in 1.0 s\\x1b[31m.jpg: cannot identify image format" in err
+    listed = run_cli("encode", str(src / evil), "--out", str(tmp_path / "o"), "--list")
+    assert listed.stdout.decode().count("\x1b") == 0 and "\\x1b" in listed.stdout.decode()
+
+
+def test_shown_escapes_controls_and_keeps_text():
+    from vitembed.errors import shown
+
+    assert shown("a\tb\r\n\x1b\x7f\x9bé") == "a\\tb\\r\\n\\x1b\\x7f\\x9bé"
+    assert shown(os.fsdecode(b"k\xff")) == "k\\xff"
+
+
+# 12. Names too long for an output --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [244, 250, 255])
+def test_names_too_long_for_an_output_get_a_shortened_name_and_resume(tmp_path, small_ckpt, length):
+    src = tmp_path / "in"
+    src.mkdir()
+    name = "é" * ((length - 4) // 2) + "a" * ((length - 4) % 2) + ".jpg"
+    assert len(name.encode()) == length
+    (src / name).write_bytes(jpeg_bytes(photo(40, 30)))
+    out = tmp_path / "out"
+    args = ("encode", str(src), "--out", str(out), "--weights", str(small_ckpt), "--json")
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr.decode()
+    output = Path(_json_lines(r.stdout)[0]["output"])
+    assert output.is_file() and len(os.fsencode(output.name)) <= 255
+    assert output.name.endswith(".safetensors") and "~" in output.name
+    output.name.encode("utf-8")  # a UTF-8 name is not cut inside a character
+    with safe_open(str(output), framework="numpy") as f:
+        assert f.metadata()["source"] == str(src / name)
+    again = run_cli(*args)
+    assert _summary(again.stderr).startswith("encoded 0, skipped 1, failed 0")
+    listed = run_cli("encode", str(src), "--out", str(out), "--list")
+    assert listed.stdout.decode().strip().endswith(str(output))
+
+
+def test_output_name_is_unchanged_when_it_fits():
+    from vitembed.inputs import output_name
+
+    assert output_name("cat.jpg", ".safetensors") == "cat.jpg.safetensors"
+    assert output_name("a" * 243, ".safetensors") == "a" * 243 + ".safetensors"
+    long = output_name("a" * 244, ".npy")
+    assert long == "a" * 244 + ".npy"  # 248 bytes still fit
+    assert len(output_name("a" * 250, ".safetensors").encode()) == 255
+    assert output_name("a" * 250 + "x", ".npy") != output_name("a" * 250 + "y", ".npy")
+
+
+# 13a. Unsearchable folders ---------------------------------------------------------------------
+
+
+def test_a_file_in_an_unsearchable_folder_is_a_permission_error_not_missing():
+    base = Path(tempfile.mkdtemp(prefix="vitembed-perm-"))
+    try:
+        base.chmod(0o755)
+        locked = base / "locked"
+        locked.mkdir()
+        photo(20, 20).save(locked / "x.png")
+        locked.chmod(0o700 if os.geteuid() == 0 else 0o000)
+        code = (
+            "import os, sys\n"
+            "from vitembed.inputs import plan_jobs\n"
+            f"os.setuid(65534) if os.geteuid() == 0 else None\n"
+            f"plan = plan_jobs([{str(locked / 'x.png')!r}], '/tmp/unused-out', 'safetensors')\n"
+            "print(plan.problems[0].kind, plan.problems[0].reason)\n"
+        )
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert r.stdout.strip() == "unreadable permission denied (a folder on its path cannot be searched)", r.stderr
+    finally:
+        (base / "locked").chmod(0o755)
+        for p in sorted(base.rglob("*"), reverse=True):
+            p.unlink() if p.is_file() else p.rmdir()
+        base.rmdir()
+
+
+# 14, 15. Options -------------------------------------------------------------------------------
+
+
+def test_empty_out_is_refused(tmp_path):
+    img = tmp_path / "a.png"
+    photo(40, 30).save(img)
+    work = tmp_path / "work"
+    work.mkdir()
+    for extra in ((), ("--list",)):
+        r = run_cli("encode", str(img), "--out", "", "--weights", "random", *extra, cwd=work)
+        assert r.returncode == 2 and "--out: empty path" in r.stderr.decode(), r.stderr.decode()
+    assert list(work.iterdir()) == []
+
+
+def test_empty_out_dir_is_refused_by_the_library(tmp_path):
+    from vitembed.errors import UsageError
+    from vitembed.inputs import plan_jobs
+    from vitembed.writers import check_out_dir
+
+    with pytest.raises(UsageError, match="empty path"):
+        plan_jobs([str(tmp_path)], "", "safetensors")
+    with pytest.raises(UsageError, match="empty path"):
+        check_out_dir("")
+
+
+@pytest.mark.parametrize("device", ["cpu:1", "cpu:0"])
+def test_cpu_device_index_is_refused(tmp_path, device):
+    img = tmp_path / "a.png"
+    photo(40, 30).save(img)
+    r = run_cli("encode", str(img), "--out", str(tmp_path / "out"), "--weights", "random", "--device", device)
+    assert r.returncode == 2 and f"--device {device}: the CPU device takes no index" in r.stderr.decode()
+    assert not (tmp_path / "out").exists()
