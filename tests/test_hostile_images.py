@@ -85,8 +85,14 @@ _RSS_SCRIPT = textwrap.dedent(
     tall, wide = f"{folder}/tall.png", f"{folder}/wide.png"
     Image.new("L", (1, 30000), 77).save(tall)
     Image.new("L", (30000, 1), 77).save(wide)
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    def peak():
+        # Linux: VmHWM, this process image's own peak (ru_maxrss would include the memory of the
+        # pytest process it was forked from, carried across exec). Elsewhere ru_maxrss (bytes on macOS).
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     report = {"start": peak()}
     for model in ("dino-vits16", "vit-base-patch16-224", "deit-base-patch16-224"):
         for name, path in (("tall", tall), ("wide", wide)):
