@@ -514,3 +514,30 @@ def test_cpu_device_index_is_refused(tmp_path, device):
     r = run_cli("encode", str(img), "--out", str(tmp_path / "out"), "--weights", "random", "--device", device)
     assert r.returncode == 2 and f"--device {device}: the CPU device takes no index" in r.stderr.decode()
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_walked(tmp_path, small_ckpt):
+    src = tmp_path / "in"
+    src.mkdir()
+    photo(40, 30).save(src / "a.png")
+    args = ("encode", str(src), "--out", str(src / "emb"), "--weights", str(small_ckpt))
+    assert run_cli(*args).returncode == 0
+    photo(40, 30).save(src / "emb" / "stray.png")  # even an image inside the output folder is left alone
+    again = run_cli(*args, "--format", "npy", "--overwrite")
+    assert _summary(again.stderr).startswith("encoded 1, skipped 0, failed 0"), again.stderr.decode()
+    assert "passed over" not in again.stderr.decode()
+    beside = run_cli("encode", str(src), "--out", str(src), "--weights", str(small_ckpt), "--list")
+    assert [Path(line.split("\t")[0]).name for line in beside.stdout.decode().splitlines()] == ["a.png", "stray.png"]
+
+
+def test_null_without_stdin_input_is_a_usage_error(tmp_path):
+    r = run_cli("encode", str(tmp_path), "-0", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "add - to the inputs" in r.stderr.decode()
+
+
+def test_settings_conflict_names_every_difference(tmp_path):
+    from vitembed.writers import settings_conflict
+
+    ours = {f"k{i}": "a" for i in range(9)}
+    message = str(settings_conflict("DIR was", ours, {f"k{i}": "b" for i in range(9)}))
+    assert "k5: 'b' there, 'a' now; and 3 more: k6, k7, k8" in message

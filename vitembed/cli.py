@@ -197,6 +197,9 @@ def encode(
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     err = _stderr(quiet)
     stdin_paths: list[str] = []
+    if null and "-" not in inputs:
+        raise _fail("-0/--null applies to paths read from stdin: add - to the inputs "
+                    "(find DIR -print0 | vitembed encode -0 - --out OUT)", 2)
     if "-" in inputs:
         stdin_paths = read_path_list(sys.stdin.buffer, null_separated=null)
         inputs = [i for i in inputs if i != "-"]

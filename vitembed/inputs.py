@@ -118,7 +118,10 @@ def is_image_name(path: str | os.PathLike) -> bool:
 
 
 def walk_images(
-    directory: str, errors: list[InputError] | None = None, passed_over: list[str] | None = None
+    directory: str,
+    errors: list[InputError] | None = None,
+    passed_over: list[str] | None = None,
+    exclude: str | os.PathLike | None = None,
 ) -> Iterator[str]:
     """Image files under ``directory``, recursively, in sorted order (``is_image_name``).
 
@@ -126,7 +129,8 @@ def walk_images(
     loops cannot hang the walk. A folder that cannot be listed is appended to
     ``errors`` as an ``unreadable`` InputError instead of being skipped silently;
     files whose names are not image names (no extension, ``.txt``, ``.DS_Store``)
-    are appended to ``passed_over``.
+    are appended to ``passed_over``. The folder ``exclude`` (the output folder, when it lies
+    inside the walked one) is not entered, so a run never walks its own outputs.
     """
 
     def on_error(e: OSError) -> None:
@@ -134,6 +138,14 @@ def walk_images(
             errors.append(InputError(e.filename or directory, "unreadable", f"cannot list folder: {e.strerror or e}"))
 
     seen: set[tuple[int, int]] = set()
+    if exclude is not None:
+        try:
+            inner, top = os.stat(exclude), os.stat(directory)
+        except OSError:  # no output folder yet: nothing to leave out
+            pass
+        else:
+            if (inner.st_dev, inner.st_ino) != (top.st_dev, top.st_ino):  # --out . beside the images: walk it
+                seen.add((inner.st_dev, inner.st_ino))  # as if already walked
     for root, dirs, files in os.walk(directory, onerror=on_error, followlinks=True):
         try:
             st = os.stat(root)
@@ -254,13 +266,13 @@ def plan_jobs(inputs: Iterable[str], out_dir: str | os.PathLike, fmt: str, stdin
             plan.problems.append(InputError(arg, "unreadable", e.strerror or str(e)))
             continue
         if is_dir:
-            for path in walk_images(arg, plan.problems, plan.passed_over):
+            for path in walk_images(arg, plan.problems, plan.passed_over, exclude=out):
                 candidates.append((path, PurePosixPath(*Path(os.path.relpath(path, arg)).parts).as_posix()))
         else:
             candidates.append((arg, Path(arg).name))
     for path in stdin_paths:
         if os.path.isdir(path):
-            for inner in walk_images(path, plan.problems, plan.passed_over):
+            for inner in walk_images(path, plan.problems, plan.passed_over, exclude=out):
                 candidates.append((inner, _safe_relpath(inner)))
         else:
             candidates.append((path, _safe_relpath(path)))

@@ -157,7 +157,9 @@ def run_settings(metadata: dict[str, str]) -> dict[str, str]:
 
 def _differences(ours: dict[str, str], theirs: dict[str, str]) -> str:
     keys = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-    return "; ".join(f"{k}: {theirs.get(k, '<none>')!r} there, {ours.get(k, '<none>')!r} now" for k in keys[:6])
+    shown_keys, rest = keys[:6], keys[6:]
+    text = "; ".join(f"{k}: {theirs.get(k, '<none>')!r} there, {ours.get(k, '<none>')!r} now" for k in shown_keys)
+    return text + (f"; and {len(rest)} more: {', '.join(rest)}" if rest else "")
 
 
 @dataclass
