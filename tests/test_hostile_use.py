@@ -193,7 +193,7 @@ def test_model_too_large_for_memory_is_a_setup_error(tmp_path, small_ckpt, confi
     r = run_cli("encode", str(img), "--out", str(tmp_path / "out"), "--weights", str(ckpt))
     err = r.stderr.decode()
     assert r.returncode == 2, err
-    assert "parameters" in err and "GiB" in err and "memory is available" in err and "Traceback" not in err
+    assert "config.json: the model has" in err and "GiB" in err and "memory is available" in err and "Traceback" not in err
 
 
 def test_checkpoint_shapes_are_checked_before_the_model_is_allocated(tmp_path, small_ckpt, monkeypatch):

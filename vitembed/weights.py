@@ -365,7 +365,8 @@ def build_model(weights: ResolvedWeights):
         check_fits_memory(cfg, f"model {weights.source} ({cfg.family})")
         return VisionTransformer(cfg).init_weights(seed=weights.seed or 0).eval()
     assert weights.file is not None
-    check_fits_memory(cfg, source, copies=2)
+    config_file = weights.file.parent / "config.json"  # where the sizes came from, when there is one
+    check_fits_memory(cfg, str(config_file) if config_file.is_file() else source, copies=2)
     state_dict = convert_state_dict(read_state_dict(weights.file), str(weights.file))
     state_dict = embed_class_positions(state_dict, cfg.num_embedded_prefix_tokens)
     if weights.trained_image_size and "pos_embed" in state_dict:
