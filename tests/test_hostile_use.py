@@ -541,3 +541,122 @@ def test_settings_conflict_names_every_difference(tmp_path):
     ours = {f"k{i}": "a" for i in range(9)}
     message = str(settings_conflict("DIR was", ours, {f"k{i}": "b" for i in range(9)}))
     assert "k5: 'b' there, 'a' now; and 3 more: k6, k7, k8" in message
+
+
+# Found by the second breaking pass -------------------------------------------------------------
+
+
+def test_a_name_spelled_like_a_shortened_output_name_is_a_collision(tmp_path):
+    from vitembed.inputs import output_name, plan_jobs
+
+    long = tmp_path / ("x" * 250 + ".jpg")
+    twin = tmp_path / output_name(long.name, ".safetensors")[: -len(".safetensors")]
+    for path in (long, twin):
+        photo(20, 20).save(path, "JPEG")
+    plan = plan_jobs([str(long), str(twin)], tmp_path / "out", "safetensors")
+    assert len(plan.jobs) == 1 and [p.kind for p in plan.problems] == ["collision"]
+
+
+def test_a_fifo_named_like_a_part_file_does_not_hang(tmp_path, small_ckpt):
+    from vitembed.packs import iter_packed
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        photo(40, 30, seed=i).save(src / f"{i}.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "part-00001.safetensors")
+    r = run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt), "--pack", "2", timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    assert sorted(key for key, _, _ in iter_packed(out)) == ["0.png", "1.png", "2.png"]
+
+
+@pytest.mark.parametrize("config", [{"hidden_size": "9", "mlp_ratio": 300000000}, {"hidden_size": [0], "mlp_ratio": 1e12}])
+def test_dinov2_mlp_ratio_is_checked_before_it_is_used(config):
+    from vitembed.config import ViTConfig
+    from vitembed.errors import CheckpointError
+
+    hf = {"model_type": "dinov2", "num_hidden_layers": 2, "num_attention_heads": 3, **config}
+    with pytest.raises(CheckpointError, match="mlp_ratio"):
+        ViTConfig.from_transformers(hf, "x/config.json")
+
+
+@pytest.mark.parametrize("field,value", [("qkv_bias", "false"), ("layer_norm_eps", "1e-12")])
+def test_config_fields_of_the_wrong_type_are_refused(field, value):
+    from vitembed.config import ViTConfig
+    from vitembed.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=field):
+        ViTConfig.from_transformers({**SMALL, field: value}, "x/config.json")
+
+
+def test_an_image_side_beyond_the_maximum_is_too_large_before_decoding(tmp_path):
+    from PIL import Image
+
+    from vitembed.decode import MAX_SIDE, decode_image
+    from vitembed.errors import InputError
+
+    path = tmp_path / "strip.png"
+    Image.new("L", (1, MAX_SIDE + 1), 9).save(path)
+    with pytest.raises(InputError) as info:
+        decode_image(path)
+    assert info.value.kind == "too-large" and f"longer than {MAX_SIDE}" in info.value.reason
+
+
+def test_out_paths_that_cannot_be_examined_are_setup_errors(tmp_path):
+    from vitembed.errors import UsageError
+    from vitembed.writers import check_out_dir
+
+    with pytest.raises(UsageError, match="File name too long"):
+        check_out_dir(tmp_path / ("d" * 300) / "x")
+
+
+def test_start_panel_and_bidi_controls_are_escaped(tmp_path, small_ckpt):
+    from vitembed.errors import shown
+
+    assert shown("bidi\u202egpj.exe.jpg\u2028x") == "bidi\\u202egpj.exe.jpg\\u2028x"
+    img = tmp_path / "a.png"
+    photo(40, 30).save(img)
+    out = tmp_path / "o\x1b]0;title\x07\nfake line"
+    r = run_cli("encode", str(img), "--out", str(out), "--weights", str(small_ckpt))
+    assert r.returncode == 0 and "\x1b" not in r.stderr.decode() and "\x07" not in r.stderr.decode()
+
+
+def test_a_symlink_in_place_of_the_lock_file_creates_nothing_elsewhere(tmp_path, small_ckpt):
+    img = tmp_path / "a.png"
+    photo(40, 30).save(img)
+    out = tmp_path / "out"
+    out.mkdir()
+    target = tmp_path / "created-outside"
+    (out / ".vitembed.lock").symlink_to(target)
+    r = run_cli("encode", str(img), "--out", str(out), "--weights", str(small_ckpt))
+    assert r.returncode == 2 and ".vitembed.lock" in r.stderr.decode()
+    assert not target.exists()
+
+
+def test_a_dangling_symlink_as_settings_file_is_named_as_such(tmp_path, small_ckpt):
+    img = tmp_path / "a.png"
+    photo(40, 30).save(img)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "vitembed.json").symlink_to(tmp_path / "nowhere")
+    r = run_cli("encode", str(img), "--out", str(out), "--weights", str(small_ckpt))
+    assert r.returncode == 2 and "exists but cannot be read (a dangling symlink?)" in r.stderr.decode()
+
+
+def test_an_index_row_of_true_is_not_a_row(tmp_path, small_ckpt):
+    from vitembed.errors import UsageError
+    from vitembed.packs import iter_packed
+
+    src = tmp_path / "in"
+    src.mkdir()
+    photo(40, 30).save(src / "a.png")
+    out = tmp_path / "out"
+    args = ("encode", str(src), "--out", str(out), "--weights", str(small_ckpt), "--pack", "2")
+    assert run_cli(*args).returncode == 0
+    index = out / "index.jsonl"
+    index.write_text(index.read_text().replace('"row": 0', '"row": true'))
+    with pytest.raises(UsageError, match="rows are not where it says"):
+        list(iter_packed(out))
+    assert _summary(run_cli(*args).stderr).startswith("encoded 1, skipped 0")

@@ -183,7 +183,14 @@ class ViTConfig:
         if dinov2:
             if hf.get("use_swiglu_ffn"):
                 raise CheckpointError(f"{source}: DINOv2 with a SwiGLU MLP (ViT-g) is not supported yet")
-            hf = {**hf, "intermediate_size": int(hf.get("hidden_size", 768) * hf.get("mlp_ratio", 4))}
+            width, ratio = hf.get("hidden_size", 768), hf.get("mlp_ratio", 4)
+            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (width, ratio))
+            if not numbers or not (0 < width <= LIMITS["hidden_size"] and 0 < ratio <= 64):
+                raise CheckpointError(
+                    f"{source}: hidden_size {width!r} and mlp_ratio {ratio!r} must be numbers, "
+                    f"at most {LIMITS['hidden_size']} and 64"
+                )
+            hf = {**hf, "intermediate_size": int(width * ratio)}
         act = hf.get("hidden_act", "gelu")
         if not isinstance(act, str) or act not in _HF_ACT:
             raise CheckpointError(f"{source}: hidden_act {act!r} is not supported")
@@ -200,6 +207,16 @@ class ViTConfig:
                 raise CheckpointError(f"{source}: {name} must be an integer (got {value!r})")
             return int(value)
 
+        def _number(value: Any, name: str) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise CheckpointError(f"{source}: {name} must be a number (got {value!r})")
+            return float(value)
+
+        def _flag(value: Any, name: str) -> bool:
+            if not isinstance(value, bool):
+                raise CheckpointError(f"{source}: {name} must be true or false (got {value!r})")
+            return value
+
         try:
             return cls(
                 hidden_size=_int(hf["hidden_size"], "hidden_size"),
@@ -209,8 +226,8 @@ class ViTConfig:
                 patch_size=side(hf.get("patch_size", 16), "patch_size"),
                 image_size=side(hf.get("image_size", 224), "image_size"),
                 num_channels=_int(hf.get("num_channels", 3), "num_channels"),
-                layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
-                qkv_bias=bool(hf.get("qkv_bias", True)),
+                layer_norm_eps=_number(hf.get("layer_norm_eps", 1e-12), "layer_norm_eps"),
+                qkv_bias=_flag(hf.get("qkv_bias", True), "qkv_bias"),
                 act=_HF_ACT[act],
                 dist_token=model_type == "deit",  # transformers' DeiTModel is the distilled DeiT
                 patch_bias=not clip,

@@ -31,6 +31,10 @@ WHITE = (255, 255, 255)
 # Pillow itself raises DecompressionBombError. A 10000x10000 photo passes; vitembed checks the limit
 # from the header, before decoding.
 DEFAULT_MAX_PIXELS = 178_956_970
+# Longest side decoded, whatever the pixel limit: Pillow keeps per-row bookkeeping, so a 1 x 50 M
+# strip (50 M pixels, under the limit) takes about 0.9 GB to decode. 262144 is four times JPEG's
+# maximum side (65535) and keeps such strips to a few MB.
+MAX_SIDE = 1 << 18
 
 try:  # optional: HEIF/HEIC through pillow-heif (pip install 'vitembed[heif]')
     import pillow_heif
@@ -131,6 +135,8 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None, allow_tru
                 )
             if im.width == 0 or im.height == 0:
                 raise InputError(name, "not-an-image", f"image has no pixels ({im.width}x{im.height})")
+            if max(im.width, im.height) > MAX_SIDE:
+                raise InputError(name, "too-large", f"{im.width}x{im.height}: a side longer than {MAX_SIDE} pixels")
             im.load()
             image = im
     except InputError:

@@ -20,6 +20,9 @@ def printable(path) -> str:
 # sequences to a terminal.
 _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
 _CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+# Line and paragraph separators and the bidirectional controls (a right-to-left override makes
+# "a\u202egpj.exe" display as "aexe.jpg").
+_CONTROLS.update({c: f"\\u{c:04x}" for c in (0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))})
 
 
 def shown(path) -> str:

@@ -281,6 +281,7 @@ def plan_jobs(inputs: Iterable[str], out_dir: str | os.PathLike, fmt: str, stdin
     # that are not UTF-8 (k\xff.jpg, raw byte 0xff) and their printed form (the text k\xff.jpg)
     # would share a key in an index and a "source" in metadata.
     by_key: dict[str, tuple[str, str]] = {}
+    by_output: dict[Path, str] = {}
     first_of: dict[str, str] = {}
     suffix = f".{fmt}"
     for source, rel in candidates:
@@ -296,13 +297,18 @@ def plan_jobs(inputs: Iterable[str], out_dir: str | os.PathLike, fmt: str, stdin
             why = (
                 f"would write the same output as {shown(first)} ({shown(key)}{suffix})"
                 if first_rel == rel
-                else f"its name prints the same as that of {shown(first)} ({shown(key)}), so their outputs, "
-                "keys and metadata could not be told apart; rename one of them"
+                else f"its name prints the same as that of {shown(first)} ({shown(key)}; one of the two holds "
+                "bytes that are not UTF-8), so their outputs, keys and metadata could not be told apart; rename one"
             )
             plan.problems.append(InputError(source, "collision", why))
             continue
-        by_key[key] = (source, rel)
         parent, _, name = rel.rpartition("/")
         output = out / parent / output_name(name, suffix) if parent else out / output_name(name, suffix)
+        if output in by_output:  # a name spelled like another's shortened output name (output_name)
+            plan.problems.append(InputError(
+                source, "collision", f"would write the same output as {shown(by_output[output])} ({shown(output.name)})"))
+            continue
+        by_key[key] = (source, rel)
+        by_output[output] = source
         plan.jobs.append(Job(source, rel, output))
     return plan

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,10 +160,13 @@ class PartInfo:
 
 
 def read_part(path: Path) -> PartInfo:
-    """Read a part's header (not its data). A missing or unparsable part is not complete."""
+    """Read a part's header (not its data). A missing or unparsable part, or anything but a
+    regular file under a part's name (a FIFO would block the reader for ever), is not complete."""
     from safetensors import safe_open
 
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return PartInfo(False)
         with safe_open(str(path), framework="numpy") as f:
             if PACK_TENSOR not in f.keys():
                 return PartInfo(False)
@@ -307,7 +311,7 @@ def iter_packed(out_dir: str | os.PathLike) -> Iterator[tuple[str, str, object]]
     infos: dict[str, PartInfo] = {}
     for entry in encoded:
         part, row = entry.get("part"), entry.get("row")
-        if not isinstance(part, str) or not _PART.match(part) or not isinstance(row, int):
+        if not isinstance(part, str) or not _PART.match(part) or not isinstance(row, int) or isinstance(row, bool):
             bad.append(entry)
             continue
         if part not in infos:

@@ -736,6 +736,9 @@ def claim_dir(
     if state.settings is None:
         if not write_dir_state(out_dir, new, exclusive=True):  # another run claimed DIR since we read it
             theirs = read_dir_state(out_dir)
+            if theirs.settings is None:  # the name is taken by something that is not a settings file
+                raise UsageError(f"{shown(out_dir / SETTINGS_FILE)} exists but cannot be read (a dangling symlink?); "
+                                 "remove it, or use another --out")
             if theirs.settings != settings:
                 raise settings_conflict(f"{shown(out_dir)} was just claimed by another run", settings, theirs.settings or {})
             new = theirs
@@ -786,7 +789,7 @@ def scan_packs(
                 parts[name] = (PartInfo(False), 0.0)
         info, mtime = parts[name]
         row = entry.get("row")
-        if not info.complete or not isinstance(row, int) or not 0 <= row < len(info.keys or ()) or info.keys[row] != key:
+        if not info.complete or not isinstance(row, int) or isinstance(row, bool) or not 0 <= row < len(info.keys or ()) or info.keys[row] != key:
             todo.append(job)  # the part is gone, torn, or does not hold this input where the index says
         elif info.settings != settings or (redoing is not None and mtime < redoing):
             if redoing is None:

@@ -13,6 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
+from .errors import shown
+
 
 def start_panel(console: Console, encoder, workers: int, out: Path, pack: int | None = None) -> None:
     """Device, torch version, dtype, threads, model and weights, in one panel."""
@@ -24,14 +26,14 @@ def start_panel(console: Console, encoder, workers: int, out: Path, pack: int | 
     table = Table.grid(padding=(0, 2))
     rows = [
         ("model", f"{encoder.model_name} ({w.config.depth} blocks, {w.config.hidden_size} wide)"),
-        ("weights", w.source + (f" (seed {w.seed}; embeddings carry no meaning)" if w.random else "")),
+        ("weights", shown(w.source) + (f" (seed {w.seed}; embeddings carry no meaning)" if w.random else "")),
         ("sha256", w.sha256 or "-"),
         ("layer", f"{encoder.layer}, pool {encoder.pool} -> {'x'.join(map(str, encoder.output_shape))} per image"),
         ("device", f"{encoder.device}  torch {torch.__version__}"),
         ("dtype", f"compute {encoder.dtype_name}, save {encoder.save_dtype_name}"),
         ("model run", "torch.compile" if encoder.compiled else "eager" + (", oneDNN packed linears" if encoder.packed else "")),
         ("threads", "model {} x {} torch threads, decode {}".format(*model_layout(encoder), workers)),
-        ("output", str(out) + (f" (parts of {pack} + index.jsonl)" if pack else " (one file per image)")),
+        ("output", shown(out) + (f" (parts of {pack} + index.jsonl)" if pack else " (one file per image)")),
     ]
     for key, value in rows:
         table.add_row(Text(key, style="bold"), Text(value))

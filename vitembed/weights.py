@@ -87,11 +87,20 @@ class ResolvedWeights:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a file's bytes.
+
+    Raises:
+        CheckpointError: the file cannot be read.
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    except OSError as e:  # no permission, a read error
+        from .errors import shown
+
+        raise CheckpointError(f"{shown(path)}: cannot read: {e.strerror or e}") from None
     return h.hexdigest()
 
 

@@ -49,15 +49,18 @@ def check_out_dir(out_dir: str | os.PathLike) -> None:
     if not os.fspath(out_dir):  # Path("") is the current folder: never write there by accident
         raise UsageError("--out: empty path; name the output folder (use --out . for the current folder)")
     path = Path(out_dir).absolute()
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {shown(out_dir)}: exists and is not a folder")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"--out {shown(out_dir)}: {shown(existing)} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {shown(out_dir)}: {shown(existing)} is not writable")
+    try:
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"--out {shown(out_dir)}: exists and is not a folder")
+        existing = path
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UsageError(f"--out {shown(out_dir)}: {shown(existing)} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"--out {shown(out_dir)}: {shown(existing)} is not writable")
+    except OSError as e:  # a name too long, a folder on the way that cannot be searched
+        raise UsageError(f"--out {shown(out_dir)}: {e.strerror or e}") from None
 
 
 def atomic_write(path: Path, *chunks: bytes | memoryview, exclusive: bool = False) -> None:
@@ -277,7 +280,8 @@ class DirLock:
         path = self.out_dir / LOCK_FILE
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.fd: int | None = open_regular(path, os.O_RDWR | os.O_CREAT)
+            # O_NOFOLLOW: a symlink planted under the lock's name must not create a file elsewhere.
+            self.fd: int | None = open_regular(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0))
         except OSError as e:
             raise UsageError(f"cannot open {shown(path)}: {e.strerror or e}") from None
         try:
