@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors import safe_open
 
@@ -660,3 +661,47 @@ def test_an_index_row_of_true_is_not_a_row(tmp_path, small_ckpt):
     with pytest.raises(UsageError, match="rows are not where it says"):
         list(iter_packed(out))
     assert _summary(run_cli(*args).stderr).startswith("encoded 1, skipped 0")
+
+
+def test_eps_without_ghostscript_is_unsupported(tmp_path):
+    import shutil
+
+    from vitembed.decode import decode_image
+    from vitembed.errors import InputError
+
+    if shutil.which("gs"):
+        pytest.skip("Ghostscript is installed: EPS decodes")
+    path = tmp_path / "t.eps"
+    path.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(InputError) as info:
+        decode_image(path)
+    assert info.value.kind == "unsupported" and "Ghostscript" in info.value.reason
+
+
+def test_a_missing_crop_size_field_is_named():
+    from vitembed.config import PreprocessConfig
+    from vitembed.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="x/preprocessor_config.json: missing field 'height'"):
+        PreprocessConfig.from_transformers({"do_center_crop": True, "crop_size": {}}, "x/preprocessor_config.json")
+
+
+def test_16_bit_scaling_is_exact_at_every_level_and_uses_integers():
+    from PIL import Image
+
+    from vitembed.decode import to_rgb
+
+    levels = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    grey = np.asarray(to_rgb(Image.fromarray(levels)))[..., 0]
+    assert np.array_equal(grey, np.rint(levels.astype(np.float64) * 255 / 65535).astype(np.uint8))
+
+
+def test_inspect_escapes_names_in_its_human_output(tmp_path, small_ckpt):
+    src = tmp_path / "in"
+    src.mkdir()
+    name = "a\x1b[2Jb.png"
+    photo(40, 30).save(src / name)
+    out = tmp_path / "out"
+    assert run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt)).returncode == 0
+    r = run_cli("inspect", str(out / f"{name}.safetensors"))
+    assert r.returncode == 0 and "\x1b" not in r.stdout.decode() and "a\\x1b[2Jb.png" in r.stdout.decode()

@@ -431,7 +431,7 @@ def inspect(
         if as_json:
             _out(json.dumps(info, ensure_ascii=False) + "\n")
             continue
-        out.print(f"{info['path']} ({info['format']})", markup=False)
+        out.print(f"{shown(info['path'])} ({info['format']})", markup=False)
         for t in info["tensors"]:
             s = t["stats"]
             out.print(f"  tensor {t['name']}: shape {tuple(t['shape'])} {t['dtype']}", markup=False)
@@ -449,7 +449,7 @@ def inspect(
             for key, value in sorted(info["metadata"].items()):
                 if len(value) > 200:  # a pack's keys/sources lists: --json has them whole
                     value = f"{value[:160]}... ({len(value)} characters; --json shows all)"
-                out.print(f"    {key:<{width}}  {value}", markup=False)
+                out.print(f"    {shown(key):<{width}}  {shown(value)}", markup=False)
     if failed:
         raise typer.Exit(1)
 

@@ -476,5 +476,7 @@ class PreprocessConfig:
                 mean=mean,  # type: ignore[arg-type]
                 std=std,  # type: ignore[arg-type]
             )
-        except (UsageError, TypeError, ValueError, KeyError) as e:
+        except KeyError as e:
+            raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
+        except (UsageError, TypeError, ValueError) as e:
             raise CheckpointError(f"{source}: {e}") from None

@@ -162,6 +162,8 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None, allow_tru
         raise InputError(name, "not-an-image", "corrupt image data: not a valid image file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         message = str(e) or type(e).__name__
+        if "ghostscript" in message.lower():  # EPS/PS: Pillow rasterises them through Ghostscript
+            raise InputError(name, "unsupported", "PostScript/EPS image: Pillow needs Ghostscript (gs) to read it") from None
         kind = "truncated" if "truncated" in message.lower() or isinstance(e, EOFError) else "unreadable"
         raise InputError(name, kind, f"cannot decode: {message}") from None
     try:
@@ -254,7 +256,7 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
         name = getattr(image, "filename", "") or "<image>"
         raise InputError(name, "unsupported", "32-bit float image (mode F) has no agreed display range")
     if mode in _WIDE_INT_MODES:
-        wide = np.asarray(image, dtype=np.float64)
+        wide = np.asarray(image)  # uint16 (I;16*) or int32 (I): 2 or 4 bytes a pixel, no float copies
         if mode == "I" and wide.size:
             low, high = int(wide.min()), int(wide.max())
             if low < 0 or high > 65535:
@@ -265,7 +267,14 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
                     f"32-bit integer image (mode I) with values from {low} to {high}: 32-bit integer images "
                     "outside 0..65535 have no agreed display range",
                 )
-        grey = Image.fromarray(np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8), "L")
+        # round(v * 255 / 65535) = round(v / 257) = floor((2v + 257) / 514), exactly, for v in 0..65535
+        # (v / 257 is never halfway between two integers); integers keep a 16-bit photo's memory small.
+        levels = wide.astype(np.uint32)
+        levels *= 2
+        levels += 257
+        levels //= 514
+        grey = Image.fromarray(levels.astype(np.uint8), "L")
+        del levels
         key = image.info.get("transparency")
         if isinstance(key, int):  # a 16-bit tRNS key: those pixels are transparent
             grey.putalpha(Image.fromarray(np.where(wide == key, 0, 255).astype(np.uint8), "L"))
