@@ -77,7 +77,7 @@ def test_unreadable_folder_is_reported_not_skipped(tmp_path):
         ({"num_attention_heads": 0}, "num_heads must be a positive integer (got 0)"),
         ({"image_size": None}, "image_size must be an integer (got None)"),
         ({"hidden_act": ["gelu"]}, "hidden_act ['gelu'] is not supported"),
-        ({"layer_norm_eps": "x"}, "could not convert string to float"),
+        ({"layer_norm_eps": "x"}, "layer_norm_eps must be a number (got 'x')"),
     ],
 )
 def test_bad_config_json_is_a_checkpoint_error_naming_the_file(tmp_path, small_ckpt, config, message):
