@@ -705,3 +705,84 @@ def test_inspect_escapes_names_in_its_human_output(tmp_path, small_ckpt):
     assert run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt)).returncode == 0
     r = run_cli("inspect", str(out / f"{name}.safetensors"))
     assert r.returncode == 0 and "\x1b" not in r.stdout.decode() and "a\\x1b[2Jb.png" in r.stdout.decode()
+
+
+# Found by the third breaking pass --------------------------------------------------------------
+
+
+def test_npy_overwrite_of_some_inputs_never_lets_the_others_pass_as_done(tmp_path, small_ckpt):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a", "b", "c"):
+        photo(40, 30, seed=ord(name)).save(src / f"{name}.png")
+    out = tmp_path / "out"
+    base = ("encode", "--out", str(out), "--weights", str(small_ckpt), "--format", "npy")
+    assert run_cli(*base[:1], str(src), *base[1:]).returncode == 0
+    assert run_cli(*base[:1], str(src / "a.png"), *base[1:], "--layer", "1", "--overwrite").returncode == 0
+    again = run_cli(*base[:1], str(src), *base[1:], "--layer", "1", "--json")
+    assert _summary(again.stderr).startswith("encoded 2, skipped 1"), again.stderr.decode()
+    fresh = tmp_path / "fresh"
+    assert run_cli("encode", str(src), "--out", str(fresh), "--weights", str(small_ckpt), "--format", "npy", "--layer", "1").returncode == 0
+    for name in ("a", "b", "c"):
+        assert np.array_equal(np.load(out / f"{name}.png.npy"), np.load(fresh / f"{name}.png.npy"))
+    assert json.loads((out / "vitembed.json").read_text())["overwrite_started"] is None
+
+
+def test_an_integer_too_large_in_the_settings_file_is_a_setup_error(tmp_path, small_ckpt):
+    img = tmp_path / "a.png"
+    photo(40, 30).save(img)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "vitembed.json").write_text('{"settings": {}, "overwrite_started": 1' + "0" * 400 + "}")
+    args = ("encode", str(img), "--out", str(out), "--weights", str(small_ckpt))
+    r = run_cli(*args)
+    assert r.returncode == 2 and "vitembed.json" in r.stderr.decode() and "Traceback" not in r.stderr.decode()
+    assert run_cli(*args, "--overwrite").returncode == 0
+
+
+def test_an_index_line_naming_a_part_outside_dir_is_not_done(tmp_path, small_ckpt):
+    src = tmp_path / "in"
+    src.mkdir()
+    photo(40, 30).save(src / "a.png")
+    other, out = tmp_path / "other", tmp_path / "out"
+    args = ("--weights", str(small_ckpt), "--pack", "2")
+    assert run_cli("encode", str(src), "--out", str(other), *args).returncode == 0
+    (out).mkdir()
+    settings = json.loads((other / "vitembed.json").read_text())
+    (out / "vitembed.json").write_text(json.dumps(settings))
+    (out / "index.jsonl").write_text(json.dumps({"key": "a.png", "source": "x", "part": "../other/part-00000.safetensors",
+                                                 "row": 0, "status": "encoded"}) + "\n")
+    r = run_cli("encode", str(src), "--out", str(out), *args)
+    assert _summary(r.stderr).startswith("encoded 1, skipped 0"), r.stderr.decode()
+
+
+def test_an_overwrite_beside_a_sibling_that_already_took_over_joins_it(tmp_path, small_ckpt, monkeypatch):
+    """--overwrite --shard K/N with new settings: the shards that lose the race to take DIR over
+    find the settings already replaced by their sibling and go on, instead of being refused."""
+    from vitembed import pipeline
+    from vitembed.writers import DirLock, DirState, read_dir_state
+
+    src = tmp_path / "in"
+    src.mkdir()
+    photo(40, 30).save(src / "a.png")
+    out = tmp_path / "out"
+    assert run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt)).returncode == 0
+    old = read_dir_state(out)
+    encoder = pipeline.load_encoder(weights=str(small_ckpt), layer="1")
+    sibling = DirLock(out)  # a shard of the new settings, running, which already replaced them
+    try:
+        calls = []
+
+        def stale_then_real(path, tolerate_bad=False):
+            calls.append(path)
+            return old if len(calls) == 1 else read_dir_state(path, tolerate_bad)
+
+        monkeypatch.setattr(pipeline, "read_dir_state", stale_then_real)
+        new_settings = pipeline.run_settings({**pipeline.Encoder.metadata(encoder), "background": "255,255,255",
+                                              "allow_truncated": "false", "format": "safetensors", "layout": "files"})
+        pipeline.write_dir_state(out, DirState(new_settings, overwrite_started=1.0))
+        summary = pipeline.encode([str(src)], out, encoder=encoder, overwrite=True, shard=(0, 1))
+        assert summary.encoded == 1 and len(calls) >= 2
+    finally:
+        sibling.close()
+    assert _layer(out / "a.png.safetensors") == "1"

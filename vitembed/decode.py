@@ -275,6 +275,8 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
         levels //= 514
         grey = Image.fromarray(levels.astype(np.uint8), "L")
         del levels
+        if image.info.get("icc_profile"):  # a grey profile still applies to the scaled pixels (to_srgb)
+            grey.info["icc_profile"] = image.info["icc_profile"]
         key = image.info.get("transparency")
         if isinstance(key, int):  # a 16-bit tRNS key: those pixels are transparent
             grey.putalpha(Image.fromarray(np.where(wide == key, 0, 255).astype(np.uint8), "L"))

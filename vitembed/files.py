@@ -88,14 +88,21 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 19:  # beyond 64 bits: no file vitembed reads holds such a number
+        raise ValueError(f"number {text[:40]}... is out of range")
+    return int(text)
+
+
 def parse_json(text: str) -> Any:
-    """Strict ``json.loads``: no NaN/Infinity, no overflowing numbers, no recursion blow-up.
+    """Strict ``json.loads``: no NaN/Infinity, no overflowing numbers (floats beyond float64,
+    integers beyond 19 digits), no recursion blow-up.
 
     Raises:
         ValueError: with a short reason (``json.JSONDecodeError`` is one).
     """
     try:
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 

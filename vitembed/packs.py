@@ -33,7 +33,7 @@ from .writers import _canonical_header, atomic_write, run_settings
 
 PACK_TENSOR = "embeddings"
 INDEX_FILE = "index.jsonl"
-_PART = re.compile(r"^part-(?:(\d+)of(\d+)-)?(\d{5,})\.safetensors$")
+PART_NAME = re.compile(r"^part-(?:(\d+)of(\d+)-)?(\d{5,})\.safetensors$")
 
 
 def part_prefix(shard: tuple[int, int] | None) -> str:
@@ -186,7 +186,7 @@ def recover_parts(out_dir: Path, index: dict[str, dict], named: set[str], write:
     that could not be written. Returns ``index`` with their rows added. ``write``: append
     their lines to the index too."""
     try:
-        names = sorted(n for n in os.listdir(out_dir) if _PART.match(n) and n not in named)
+        names = sorted(n for n in os.listdir(out_dir) if PART_NAME.match(n) and n not in named)
     except FileNotFoundError:
         return index
     for name in names:
@@ -216,7 +216,7 @@ def remove_dead_parts(out_dir: Path) -> list[str]:
     latest, named = scan_index(out_dir)
     removed = []
     for name in sorted(named - live_parts(latest)):
-        if _PART.match(name):
+        if PART_NAME.match(name):
             try:
                 os.unlink(Path(out_dir) / name)
                 removed.append(name)
@@ -311,7 +311,7 @@ def iter_packed(out_dir: str | os.PathLike) -> Iterator[tuple[str, str, object]]
     infos: dict[str, PartInfo] = {}
     for entry in encoded:
         part, row = entry.get("part"), entry.get("row")
-        if not isinstance(part, str) or not _PART.match(part) or not isinstance(row, int) or isinstance(row, bool):
+        if not isinstance(part, str) or not PART_NAME.match(part) or not isinstance(row, int) or isinstance(row, bool):
             bad.append(entry)
             continue
         if part not in infos:
@@ -330,4 +330,4 @@ def iter_packed(out_dir: str | os.PathLike) -> Iterator[tuple[str, str, object]]
     for part in sorted(by_part):
         tensor = load_tensor(str(out_dir / part), PACK_TENSOR)
         for entry in sorted(by_part[part], key=lambda e: e["row"]):
-            yield entry["key"], entry["source"], tensor[entry["row"]]
+            yield entry["key"], entry.get("source", ""), tensor[entry["row"]]

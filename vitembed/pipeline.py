@@ -36,6 +36,7 @@ from .decode import DecodeOptions
 from .model import VisionTransformer, pack_for_cpu
 from .packs import (
     INDEX_FILE,
+    PART_NAME,
     PackWriter,
     PartInfo,
     append_index,
@@ -54,6 +55,7 @@ from .writers import (
     DirState,
     append_failure,
     check_format,
+    older_outputs,
     read_dir_state,
     read_output,
     run_settings,
@@ -681,6 +683,10 @@ def encode_jobs(
         # An --overwrite is over when every input went through and was written: DIR then holds one set of
         # settings. Not for a shard (the others may still be redoing theirs), nor after a stop or write failure.
         finished = not summary.stopped and summary.write_failed == 0 and plan.sharded is None
+        # npy files carry no settings: while DIR holds npy files this run did not rewrite (an --overwrite of
+        # some of the inputs), the marker stays, so that a later run redoes them instead of trusting them.
+        if finished and fmt == "npy" and state.overwrite_started is not None:
+            finished = not older_outputs(out_dir, ".npy", state.overwrite_started)
         if state.overwrite_started is not None and finished:
             if isinstance(sink, _PackSink):
                 remove_dead_parts(out_dir)
@@ -726,7 +732,12 @@ def claim_dir(
     state = read_dir_state(out_dir, tolerate_bad=overwrite)
     if overwrite:
         if state.settings != settings:
-            lock.take_over()
+            try:
+                lock.take_over()
+            except UsageError:  # held by others: fine if they are runs of ours that replaced the settings first
+                lock.share()  # the failed exclusive attempt gave up the shared hold too
+                if read_dir_state(out_dir, tolerate_bad=True).settings != settings:
+                    raise
         new = DirState(settings, overwrite_started=time.time())
         write_dir_state(out_dir, new)
         lock.share()
@@ -781,6 +792,9 @@ def scan_packs(
             todo.append(job)
             continue
         name = entry["part"]
+        if not PART_NAME.match(name):  # only a part file in DIR itself, never a path elsewhere
+            todo.append(job)
+            continue
         if name not in parts:
             path = out_dir / name
             try:

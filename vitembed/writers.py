@@ -211,7 +211,7 @@ def read_dir_state(out_dir: Path, tolerate_bad: bool = False) -> DirState:
     if (
         isinstance(settings, dict)
         and all(isinstance(k, str) and isinstance(v, str) for k, v in settings.items())
-        and (started is None or (isinstance(started, (int, float)) and not isinstance(started, bool)))
+        and (started is None or (isinstance(started, (int, float)) and not isinstance(started, bool) and abs(started) < 1e15))
     ):
         return DirState(settings, float(started) if started is not None else None)
     if tolerate_bad:
@@ -252,6 +252,20 @@ def write_dir_state(out_dir: Path, state: DirState, exclusive: bool = False) -> 
 
 
 LOCK_FILE = ".vitembed.lock"
+
+
+def older_outputs(out_dir: Path, suffix: str, before: float) -> bool:
+    """Whether DIR (recursively) holds a file ending in ``suffix`` last modified before ``before``
+    (``time.time()`` seconds): an output an ``--overwrite`` started then has not rewritten."""
+    for root, _, files in os.walk(out_dir):
+        for name in files:
+            if name.endswith(suffix):
+                try:
+                    if os.stat(os.path.join(root, name)).st_mtime < before:
+                        return True
+                except OSError:
+                    continue
+    return False
 
 
 class DirLock:
