@@ -279,7 +279,7 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
             grey.info["icc_profile"] = image.info["icc_profile"]
         key = image.info.get("transparency")
         if isinstance(key, int):  # a 16-bit tRNS key: those pixels are transparent
-            grey.putalpha(Image.fromarray(np.where(wide == key, 0, 255).astype(np.uint8), "L"))
+            grey.putalpha(Image.fromarray(np.where(wide == key, np.uint8(0), np.uint8(255)), "L"))
         image = grey
     elif mode in ("La", "RGBa"):  # premultiplied alpha: un-premultiply, then composite like the others
         image = image.convert("LA" if mode == "La" else "RGBA")
