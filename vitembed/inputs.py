@@ -228,6 +228,17 @@ def shard_of(key: str, count: int) -> int:
     return int.from_bytes(digest[:8], "big") % count
 
 
+def out_path(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` as a Path, refusing an empty one (``Path("")`` would silently be the current folder).
+
+    Raises:
+        UsageError: ``out_dir`` is empty.
+    """
+    if not os.fspath(out_dir):
+        raise UsageError("--out: empty path; name the output folder (use --out . for the current folder)")
+    return Path(out_dir)
+
+
 def plan_jobs(inputs: Iterable[str], out_dir: str | os.PathLike, fmt: str, stdin_paths: Iterable[str] = ()) -> Plan:
     """Expand inputs into jobs.
 
@@ -245,9 +256,7 @@ def plan_jobs(inputs: Iterable[str], out_dir: str | os.PathLike, fmt: str, stdin
     Raises:
         UsageError: ``out_dir`` is empty (``Path("")`` would be the current folder).
     """
-    if not os.fspath(out_dir):
-        raise UsageError("--out: empty path; name the output folder (use --out . for the current folder)")
-    out = Path(out_dir)
+    out = out_path(out_dir)
     plan = Plan(out)
     candidates: list[tuple[str, str]] = []
     for arg in inputs:
@@ -303,7 +312,7 @@ def plan_jobs(inputs: Iterable[str], out_dir: str | os.PathLike, fmt: str, stdin
             plan.problems.append(InputError(source, "collision", why))
             continue
         parent, _, name = rel.rpartition("/")
-        output = out / parent / output_name(name, suffix) if parent else out / output_name(name, suffix)
+        output = out / parent / output_name(name, suffix)  # Path("d") / "" is Path("d")
         if output in by_output:  # a name spelled like another's shortened output name (output_name)
             plan.problems.append(InputError(
                 source, "collision", f"would write the same output as {shown(by_output[output])} ({shown(output.name)})"))

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import parse_json
+from .files import open_regular, parse_json
 from .writers import _canonical_header, atomic_write, run_settings
 
 PACK_TENSOR = "embeddings"
@@ -66,8 +66,6 @@ def append_index(out_dir: Path, entries: Iterable[dict]) -> None:
     text = "".join(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in entries)
     if not text:
         return
-    from .files import open_regular
-
     fd = open_regular(Path(out_dir) / INDEX_FILE, os.O_RDWR | os.O_CREAT | os.O_APPEND)
     try:
         size = os.fstat(fd).st_size
@@ -90,8 +88,6 @@ def _index_entries(out_dir: Path, bad: list[int] | None = None) -> Iterator[dict
         UsageError: the index exists but cannot be read (a folder, a FIFO, no permission).
     """
     from .errors import UsageError, shown
-    from .files import open_regular, parse_json
-
     path = Path(out_dir) / INDEX_FILE
     try:
         f = os.fdopen(open_regular(path), encoding="utf-8", errors="surrogateescape")

@@ -18,7 +18,7 @@ from typing import Any
 
 from .catalog import ModelSpec
 from .config import PreprocessConfig, ViTConfig
-from .errors import CheckpointError, UsageError, WeightsNotFoundError
+from .errors import CheckpointError, UsageError, WeightsNotFoundError, shown
 
 RANDOM = "random"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -98,8 +98,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
             while block := f.read(chunk):
                 h.update(block)
     except OSError as e:  # no permission, a read error
-        from .errors import shown
-
         raise CheckpointError(f"{shown(path)}: cannot read: {e.strerror or e}") from None
     return h.hexdigest()
 
@@ -164,7 +162,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     Raises:
         CheckpointError: naming the file: unreadable, not a regular file, or not strict JSON.
     """
-    from .errors import shown
     from .files import read_json
 
     try:

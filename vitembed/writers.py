@@ -46,9 +46,9 @@ def check_out_dir(out_dir: str | os.PathLike) -> None:
     """
     from .errors import UsageError, shown
 
-    if not os.fspath(out_dir):  # Path("") is the current folder: never write there by accident
-        raise UsageError("--out: empty path; name the output folder (use --out . for the current folder)")
-    path = Path(out_dir).absolute()
+    from .inputs import out_path
+
+    path = out_path(out_dir).absolute()
     try:
         if path.exists() and not path.is_dir():
             raise UsageError(f"--out {shown(out_dir)}: exists and is not a folder")
