@@ -113,7 +113,7 @@ def case_vitembed(images: Path, out: Path, weights: Path, args, **options) -> di
     import vitembed
 
     torch.set_num_threads(args.threads)
-    encoder = vitembed.load_encoder(model="vit-base-patch16-224-in21k", weights=str(weights), progress=False, **options)
+    encoder = vitembed.Encoder("vit-base-patch16-224-in21k", weights=str(weights), progress=False, **options)
     load_peak = reset_peak_rss()
     start = time.perf_counter()
     summary = vitembed.encode([str(images)], out, encoder=encoder, batch_size=args.batch_size, workers=args.workers)

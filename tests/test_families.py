@@ -10,6 +10,7 @@ from safetensors import safe_open
 from transformers import DeiTConfig, DeiTModel
 
 from vitembed.catalog import get_model_spec
+from vitembed.families import family_of
 from vitembed.weights import build_model, resolve_weights
 
 from .conftest import SMALL, photo, run_cli
@@ -102,7 +103,7 @@ def test_clip_vision_tower_matches_transformers_at_every_layer_and_pooled(tmp_pa
     with torch.no_grad():
         ref = reference(pixel_values=x, output_hidden_states=True)
         out = ours(x, layers=names)
-        pooled = ours.pool(out["last"], "cls", "last")
+        pooled = family_of(cfg).pool(ours, out["last"], "cls", "last")
     for i, name in enumerate(names):
         want = ref.last_hidden_state if name == "last" else ref.hidden_states[i]
         assert (out[name] - want).abs().max() < 1e-4, name
@@ -119,7 +120,7 @@ def test_clip_image_tower_of_a_whole_clip_model_loads(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         want = reference.vision_model(pixel_values=x).pooler_output
-        got = ours.pool(ours(x)["last"], "cls", "last")
+        got = family_of(ours.cfg).pool(ours, ours(x)["last"], "cls", "last")
     assert (got - want).abs().max() < 1e-4
 
 
@@ -279,7 +280,7 @@ def test_timm_no_embed_class_position_embedding(tmp_path):
 def test_pool_shapes_for_every_family(tmp_path, family, small_ckpt):
     import numpy as np
 
-    from vitembed.pipeline import Encoder
+    from vitembed.encoder import Encoder
 
     ckpt = {
         "vit": lambda: small_ckpt,
@@ -292,6 +293,6 @@ def test_pool_shapes_for_every_family(tmp_path, family, small_ckpt):
     prefix = {"vit": 1, "deit": 2, "clip": 1, "dinov2": 1, "dinov2-reg": 5}[family]
     assert weights.config.num_prefix_tokens == prefix
     pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    shapes = {pool: tuple(Encoder(weights, pool=pool, device="cpu")(pixels).shape) for pool in ("none", "cls", "mean", "patch")}
+    shapes = {pool: tuple(Encoder(weights=weights, pool=pool, device="cpu")(pixels).shape) for pool in ("none", "cls", "mean", "patch")}
     assert shapes == {"none": (2, prefix + 16, 48), "cls": (2, 48), "mean": (2, 48), "patch": (2, 16, 48)}
-    assert Encoder(weights, pool="patch", device="cpu").output_shape == (16, 48)
+    assert Encoder(weights=weights, pool="patch", device="cpu").output_shape == (16, 48)

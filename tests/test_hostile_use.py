@@ -58,7 +58,7 @@ def test_names_that_print_the_same_are_refused_as_collision(tmp_path, small_ckpt
     again = run_cli(*args)
     assert _summary(again.stderr).startswith("encoded 0, skipped 1, failed 1"), again.stderr.decode()
     if pack:
-        from vitembed.packs import iter_packed
+        from vitembed.layouts.packed import iter_packed
 
         rows = list(iter_packed(out))
         assert len(rows) == 1 and rows[0][0] == literal
@@ -107,7 +107,8 @@ def test_settings_claim_is_atomic_when_both_runs_read_before_either_writes(tmp_p
     """Two runs in one process, both past their settings check before either writes vitembed.json."""
     import threading
 
-    from vitembed import pipeline
+    import vitembed
+    from vitembed.layouts.files import FilesLayout
     from vitembed.errors import UsageError
 
     src = tmp_path / "in"
@@ -116,20 +117,20 @@ def test_settings_claim_is_atomic_when_both_runs_read_before_either_writes(tmp_p
         (src / f"img{i}.jpg").write_bytes(jpeg_bytes(photo(48, 40, seed=i)))
     out = tmp_path / "out"
     barrier = threading.Barrier(2, timeout=60)
-    scan = pipeline.scan_outputs
+    scan = FilesLayout.scan
 
     def scan_then_wait(*args):
         result = scan(*args)
         barrier.wait()  # both have read DIR (no settings yet) and scanned it
         return result
 
-    monkeypatch.setattr(pipeline, "scan_outputs", scan_then_wait)
-    encoders = {layer: pipeline.load_encoder(weights=str(small_ckpt), layer=layer) for layer in ("last", "1")}
+    monkeypatch.setattr(FilesLayout, "scan", scan_then_wait)
+    encoders = {layer: vitembed.Encoder(weights=str(small_ckpt), layer=layer) for layer in ("last", "1")}
     outcome: dict[str, object] = {}
 
     def run(layer: str) -> None:
         try:
-            outcome[layer] = pipeline.encode([str(src)], out, encoder=encoders[layer], workers=1)
+            outcome[layer] = vitembed.encode([str(src)], out, encoder=encoders[layer], workers=1)
         except UsageError as e:
             outcome[layer] = e
 
@@ -147,7 +148,7 @@ def test_settings_claim_is_atomic_when_both_runs_read_before_either_writes(tmp_p
 
 
 def test_overwrite_with_other_settings_is_refused_while_another_run_holds_dir(tmp_path, small_ckpt):
-    from vitembed.writers import DirLock
+    from vitembed.outdir import DirLock
 
     src = tmp_path / "in"
     src.mkdir()
@@ -500,7 +501,7 @@ def test_empty_out_is_refused(tmp_path):
 def test_empty_out_dir_is_refused_by_the_library(tmp_path):
     from vitembed.errors import UsageError
     from vitembed.inputs import plan_jobs
-    from vitembed.writers import check_out_dir
+    from vitembed.outdir import check_out_dir
 
     with pytest.raises(UsageError, match="empty path"):
         plan_jobs([str(tmp_path)], "", "safetensors")
@@ -537,7 +538,7 @@ def test_null_without_stdin_input_is_a_usage_error(tmp_path):
 
 
 def test_settings_conflict_names_every_difference(tmp_path):
-    from vitembed.writers import settings_conflict
+    from vitembed.settings import settings_conflict
 
     ours = {f"k{i}": "a" for i in range(9)}
     message = str(settings_conflict("DIR was", ours, {f"k{i}": "b" for i in range(9)}))
@@ -559,7 +560,7 @@ def test_a_name_spelled_like_a_shortened_output_name_is_a_collision(tmp_path):
 
 
 def test_a_fifo_named_like_a_part_file_does_not_hang(tmp_path, small_ckpt):
-    from vitembed.packs import iter_packed
+    from vitembed.layouts.packed import iter_packed
 
     src = tmp_path / "in"
     src.mkdir()
@@ -607,7 +608,7 @@ def test_an_image_side_beyond_the_maximum_is_too_large_before_decoding(tmp_path)
 
 def test_out_paths_that_cannot_be_examined_are_setup_errors(tmp_path):
     from vitembed.errors import UsageError
-    from vitembed.writers import check_out_dir
+    from vitembed.outdir import check_out_dir
 
     with pytest.raises(UsageError, match="File name too long"):
         check_out_dir(tmp_path / ("d" * 300) / "x")
@@ -648,7 +649,7 @@ def test_a_dangling_symlink_as_settings_file_is_named_as_such(tmp_path, small_ck
 
 def test_an_index_row_of_true_is_not_a_row(tmp_path, small_ckpt):
     from vitembed.errors import UsageError
-    from vitembed.packs import iter_packed
+    from vitembed.layouts.packed import iter_packed
 
     src = tmp_path / "in"
     src.mkdir()
@@ -759,8 +760,10 @@ def test_an_index_line_naming_a_part_outside_dir_is_not_done(tmp_path, small_ckp
 def test_an_overwrite_beside_a_sibling_that_already_took_over_joins_it(tmp_path, small_ckpt, monkeypatch):
     """--overwrite --shard K/N with new settings: the shards that lose the race to take DIR over
     find the settings already replaced by their sibling and go on, instead of being refused."""
-    from vitembed import pipeline
-    from vitembed.writers import DirLock, DirState, read_dir_state
+    import vitembed
+    from vitembed import outdir
+    from vitembed.outdir import DirLock, DirState, read_dir_state
+    from vitembed.settings import run_settings
 
     src = tmp_path / "in"
     src.mkdir()
@@ -768,7 +771,7 @@ def test_an_overwrite_beside_a_sibling_that_already_took_over_joins_it(tmp_path,
     out = tmp_path / "out"
     assert run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt)).returncode == 0
     old = read_dir_state(out)
-    encoder = pipeline.load_encoder(weights=str(small_ckpt), layer="1")
+    encoder = vitembed.Encoder(weights=str(small_ckpt), layer="1")
     sibling = DirLock(out)  # a shard of the new settings, running, which already replaced them
     try:
         calls = []
@@ -777,11 +780,11 @@ def test_an_overwrite_beside_a_sibling_that_already_took_over_joins_it(tmp_path,
             calls.append(path)
             return old if len(calls) == 1 else read_dir_state(path, tolerate_bad)
 
-        monkeypatch.setattr(pipeline, "read_dir_state", stale_then_real)
-        new_settings = pipeline.run_settings({**pipeline.Encoder.metadata(encoder), "background": "255,255,255",
+        monkeypatch.setattr(outdir, "read_dir_state", stale_then_real)
+        new_settings = run_settings({**encoder.metadata(), "background": "255,255,255",
                                               "allow_truncated": "false", "format": "safetensors", "layout": "files"})
-        pipeline.write_dir_state(out, DirState(new_settings, overwrite_started=1.0))
-        summary = pipeline.encode([str(src)], out, encoder=encoder, overwrite=True, shard=(0, 1))
+        outdir.write_dir_state(out, DirState(new_settings, overwrite_started=1.0))
+        summary = vitembed.encode([str(src)], out, encoder=encoder, overwrite=True, shard=(0, 1))
         assert summary.encoded == 1 and len(calls) >= 2
     finally:
         sibling.close()

@@ -43,7 +43,7 @@ def _per_file(out: Path) -> dict[str, np.ndarray]:
 
 
 def _packed(out: Path) -> dict[str, np.ndarray]:
-    from vitembed.packs import iter_packed
+    from vitembed.layouts.packed import iter_packed
 
     return {key: emb for key, _, emb in iter_packed(out)}
 
@@ -190,7 +190,7 @@ def test_unreadable_index_is_a_setup_error(tmp_path, small_ckpt):
 
 
 def test_dtype_auto_is_float32_on_cpu_and_bfloat16_warns_without_cpu_support(tmp_path, small_ckpt):
-    from vitembed.pipeline import _cpu_has_fast
+    from vitembed.runtime import _cpu_has_fast
 
     src = _folder(tmp_path / "in", good=2)
     auto = run_cli("encode", str(src), "--out", str(tmp_path / "auto"), "--weights", str(small_ckpt))
@@ -209,11 +209,11 @@ def test_dtype_auto_is_float32_on_cpu_and_bfloat16_warns_without_cpu_support(tmp
 
 def _encoder(small_ckpt, **options):
     from vitembed.catalog import get_model_spec
-    from vitembed.pipeline import Encoder
+    from vitembed.encoder import Encoder
     from vitembed.weights import resolve_weights
 
     weights = resolve_weights(get_model_spec("vit-base-patch16-224-in21k"), str(small_ckpt), progress=False)
-    return Encoder(weights, device="cpu", **options)
+    return Encoder(weights=weights, device="cpu", **options)
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, small_ckpt):
@@ -262,7 +262,8 @@ def test_packed_linears_match_the_plain_model_and_do_not_depend_on_the_batch(act
     import copy
 
     from vitembed.config import ViTConfig
-    from vitembed.model import PackedLinear, VisionTransformer, pack_for_cpu
+    from vitembed.model import VisionTransformer
+    from vitembed.runtime import PackedLinear, pack_for_cpu
 
     cfg = ViTConfig(hidden_size=64, depth=2, num_heads=4, mlp_dim=128, patch_size=8, image_size=32, act=act)
     plain = VisionTransformer(cfg).init_weights(seed=3).eval()
@@ -358,7 +359,7 @@ def test_encode_refuses_encoder_options_next_to_an_encoder(tmp_path, small_ckpt)
     import vitembed
     from vitembed.errors import UsageError
 
-    with pytest.raises(UsageError, match="bogus, layer cannot be given with encoder="):
+    with pytest.raises(UsageError, match=r"unknown option\(s\) bogus, layer"):
         vitembed.encode([str(tmp_path)], tmp_path / "out", encoder=_encoder(small_ckpt), layer="2", bogus=1)
 
 
@@ -395,7 +396,7 @@ def test_pack_with_a_file_name_that_is_not_utf8(tmp_path, small_ckpt):
 
 
 def test_two_writers_into_one_dir_never_share_a_part_name(tmp_path):
-    from vitembed.packs import PackWriter
+    from vitembed.layouts.packed import PackWriter
 
     a, b = PackWriter(tmp_path, 2, "part-", {"x": "1"}), PackWriter(tmp_path, 2, "part-", {"x": "1"})
     for writer, tag in ((a, "a"), (b, "b")):  # both start at part-00000, as two runs started together do
@@ -407,14 +408,14 @@ def test_two_writers_into_one_dir_never_share_a_part_name(tmp_path):
 
 
 def _iter(out):
-    from vitembed.packs import iter_packed
+    from vitembed.layouts.packed import iter_packed
 
     return list(iter_packed(out))
 
 
 def test_index_that_cannot_be_appended_warns_exits_1_and_the_next_run_indexes_the_parts(tmp_path, small_ckpt, monkeypatch):
     import vitembed
-    from vitembed import packs
+    from vitembed.layouts import packed as packs
 
     src, out = _folder(tmp_path / "in", good=3), tmp_path / "out"
     real = packs.append_index
@@ -450,8 +451,8 @@ def test_resuming_a_stopped_overwrite_redoes_only_what_is_left(tmp_path, small_c
 
 def test_overwrite_whose_writes_fail_keeps_the_dir_marked_unfinished(tmp_path, small_ckpt, monkeypatch):
     import vitembed
-    from vitembed import pipeline
-    from vitembed.writers import read_dir_state
+    from vitembed.layouts import files
+    from vitembed.outdir import read_dir_state
 
     src, out = _folder(tmp_path / "in", good=2), tmp_path / "out"
     vitembed.encode([str(src)], out, encoder=_encoder(small_ckpt))
@@ -459,7 +460,7 @@ def test_overwrite_whose_writes_fail_keeps_the_dir_marked_unfinished(tmp_path, s
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pipeline, "write_embedding", full)
+    monkeypatch.setattr(files, "write_embedding", full)
     summary = vitembed.encode([str(src)], out, encoder=_encoder(small_ckpt, layer="1"), overwrite=True)
     assert (summary.encoded, summary.failed, summary.write_failed) == (0, 2, 2)
     assert read_dir_state(out).overwrite_started is not None  # a plain re-run may still finish it
@@ -551,7 +552,7 @@ def test_ctrl_c_while_compiling_stays_ctrl_c(monkeypatch, small_ckpt):
 
 def test_model_stage_splits_batches_across_threads_with_the_same_bits(small_ckpt, monkeypatch):
     from vitembed.inputs import Job
-    from vitembed.pipeline import model_layout, model_stage
+    from vitembed.stages import model_stage
 
     encoder = _encoder(small_ckpt)
     rng = np.random.default_rng(2)
@@ -564,4 +565,4 @@ def test_model_stage_splits_batches_across_threads_with_the_same_bits(small_ckpt
     (got_chunk, got), = list(model_stage([chunk], encoder, workers=2))
     assert got_chunk is chunk and sorted(calls) == [2, 3] and torch.equal(got, whole)
     threads = torch.get_num_threads()
-    assert model_layout(encoder) == ((2, threads // 2) if threads >= 2 else (1, threads))
+    assert encoder.thread_layout() == ((2, threads // 2) if threads >= 2 else (1, threads))

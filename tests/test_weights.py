@@ -10,7 +10,7 @@ from safetensors import safe_open
 from vitembed.catalog import get_model_spec
 from vitembed.errors import WeightsNotFoundError
 from vitembed.weights import resolve_weights, sha256_file
-from vitembed.writers import atomic_write
+from vitembed.files import atomic_write
 
 from .conftest import photo, run_cli
 

@@ -4,22 +4,31 @@
 loaded on first use.
 
     >>> import vitembed
-    >>> encoder = vitembed.load_encoder("vit-base-patch16-224-in21k", weights="random")
-    >>> summary = vitembed.encode(["images/"], "emb/", encoder=encoder)
+    >>> encoder = vitembed.Encoder("dinov2-small", weights="random", pool="cls")
+    >>> vectors = encoder.encode(["cat.jpg", "dog.png"])          # (2, 384) float32 torch tensor
+    >>> summary = vitembed.encode(["images/"], "emb/", encoder, pack=16)
+    >>> loaded = vitembed.load("emb/")                            # .embeddings, .keys, .sources, .metadata
 """
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Encoder": "pipeline",
-    "load_encoder": "pipeline",
-    "encode_jobs": "pipeline",
-    "encode": "pipeline",
+    "Encoder": "encoder",
+    "encode": "run",
+    "encode_plan": "run",
+    "load": "layouts",
+    "iter_packed": "layouts",
+    "ModelOptions": "options",
+    "EncodingOptions": "options",
+    "RunOptions": "options",
     "VisionTransformer": "model",
     "ViTConfig": "config",
     "PreprocessConfig": "config",
     "plan_jobs": "inputs",
     "inspect_file": "inspect",
+    "InputError": "errors",
+    "UsageError": "errors",
+    "VitembedError": "errors",
 }
 
 __all__ = ["__version__", *_LAZY]

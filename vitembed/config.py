@@ -31,15 +31,6 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 LIMITS = {"hidden_size": 16384, "depth": 512, "num_heads": 512, "mlp_dim": 65536, "reg_tokens": 1024, "num_channels": 64}
 MAX_PATCHES = 16384  # e.g. 2048x2048 pixels at patch 16
 
-# transformers' hidden_act names -> ours.
-_HF_ACT = {
-    "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "quick_gelu": "quick_gelu",
-}
-
-
 @dataclass(frozen=True)
 class ViTConfig:
     """Shape of a ViT encoder.
@@ -164,87 +155,14 @@ class ViTConfig:
 
     @classmethod
     def from_transformers(cls, hf: dict[str, Any], source: str = "config.json") -> "ViTConfig":
-        """Config from a transformers ``ViTConfig`` dict (the checkpoint's config.json).
+        """Config from a transformers config.json dict; see ``families.config_from_transformers``.
 
         Raises:
-            CheckpointError: the config is not a ViT (``model_type`` other than ``vit``)
-                or uses settings vitembed does not implement.
+            CheckpointError: a ``model_type`` no family reads, or settings vitembed does not implement.
         """
-        if not isinstance(hf, dict):
-            raise CheckpointError(f"{source}: expected a JSON object, got {type(hf).__name__}")
-        model_type = hf.get("model_type", "vit")
-        if model_type == "clip" and isinstance(hf.get("vision_config"), dict):  # a whole CLIPModel: its image tower
-            hf, model_type = {**hf["vision_config"], "model_type": "clip_vision_model"}, "clip_vision_model"
-        known = ("vit", "deit", "clip_vision_model", "dinov2", "dinov2_with_registers")
-        if model_type not in known:
-            raise CheckpointError(f"{source}: model_type {model_type!r} is not supported (expected one of {', '.join(known)})")
-        clip = model_type == "clip_vision_model"
-        dinov2 = model_type.startswith("dinov2")
-        if dinov2:
-            if hf.get("use_swiglu_ffn"):
-                raise CheckpointError(f"{source}: DINOv2 with a SwiGLU MLP (ViT-g) is not supported yet")
-            width, ratio = hf.get("hidden_size", 768), hf.get("mlp_ratio", 4)
-            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (width, ratio))
-            if not numbers or not (0 < width <= LIMITS["hidden_size"] and 0 < ratio <= 64):
-                raise CheckpointError(
-                    f"{source}: hidden_size {width!r} and mlp_ratio {ratio!r} must be numbers, "
-                    f"at most {LIMITS['hidden_size']} and 64"
-                )
-            hf = {**hf, "intermediate_size": int(width * ratio)}
-        act = hf.get("hidden_act", "gelu")
-        if not isinstance(act, str) or act not in _HF_ACT:
-            raise CheckpointError(f"{source}: hidden_act {act!r} is not supported")
+        from .families import config_from_transformers
 
-        def side(value: Any, name: str) -> int:
-            if isinstance(value, (list, tuple)):
-                if len(set(value)) != 1:
-                    raise CheckpointError(f"{source}: non-square {name} {value} is not supported")
-                value = value[0]
-            return _int(value, name)
-
-        def _int(value: Any, name: str) -> int:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-                raise CheckpointError(f"{source}: {name} must be an integer (got {value!r})")
-            return int(value)
-
-        def _number(value: Any, name: str) -> float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise CheckpointError(f"{source}: {name} must be a number (got {value!r})")
-            return float(value)
-
-        def _flag(value: Any, name: str) -> bool:
-            if not isinstance(value, bool):
-                raise CheckpointError(f"{source}: {name} must be true or false (got {value!r})")
-            return value
-
-        try:
-            return cls(
-                hidden_size=_int(hf["hidden_size"], "hidden_size"),
-                depth=_int(hf["num_hidden_layers"], "num_hidden_layers"),
-                num_heads=_int(hf["num_attention_heads"], "num_attention_heads"),
-                mlp_dim=_int(hf["intermediate_size"], "intermediate_size"),
-                patch_size=side(hf.get("patch_size", 16), "patch_size"),
-                image_size=side(hf.get("image_size", 224), "image_size"),
-                num_channels=_int(hf.get("num_channels", 3), "num_channels"),
-                layer_norm_eps=_number(hf.get("layer_norm_eps", 1e-12), "layer_norm_eps"),
-                qkv_bias=_flag(hf.get("qkv_bias", True), "qkv_bias"),
-                act=_HF_ACT[act],
-                dist_token=model_type == "deit",  # transformers' DeiTModel is the distilled DeiT
-                patch_bias=not clip,
-                pre_norm=clip,
-                final_norm="pooled" if clip else "tokens",
-                layer_scale=dinov2,
-                reg_tokens=_int(hf.get("num_register_tokens") or 0, "num_register_tokens"),
-                # transformers' Dinov2Model interpolates without antialiasing, Dinov2WithRegistersModel with it.
-                pos_embed_antialias=model_type != "dinov2",
-                family="clip" if clip else "dinov2" if dinov2 else model_type,
-            )
-        except KeyError as e:
-            raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{source}: {e}") from None
-        except UsageError as e:
-            raise CheckpointError(f"{source}: {e}") from None
+        return config_from_transformers(hf, source)
 
 
 def layer_index(layer: str, depth: int) -> int:

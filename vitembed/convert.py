@@ -1,7 +1,7 @@
 """Checkpoint conversion: pure functions from a source state dict to vitembed's (timm's) names.
 
 As timm's ``checkpoint_filter_fn``: the source format is detected from tell-tale
-keys, wrapper prefixes are stripped, keys are renamed by tables kept as data,
+keys (the tables are the families' own, ``families/<name>.py``), wrapper prefixes are stripped, keys are renamed by tables kept as data,
 q/k/v projections are fused into one ``qkv``, and the parts vitembed does not use
 (classifier heads, the pooler, the mask token) are recognised and dropped.
 Anything else that does not fit is an error naming the first mismatching key:
@@ -16,97 +16,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import CheckpointError
+from .families import checkpoint_layouts, checkpoint_prefixes
 
-# Wrappers added by DataParallel/DDP, torch.compile, ViTFor*/Lightning modules.
-PREFIXES = ("module.", "_orig_mod.", "vit.", "deit.", "dinov2.", "vision_model.", "model.")
+# Wrappers added by DataParallel/DDP, torch.compile and Lightning modules; the families add their
+# own (``vit.``, ``deit.``, ``dinov2.``, ``vision_model.``: ViTFor*, DeiTFor*, CLIPModel).
+GENERIC_PREFIXES = ("module.", "_orig_mod.", "model.")
+PREFIXES = GENERIC_PREFIXES + checkpoint_prefixes()
 
-# (regex, replacement) applied in order; the first full match wins.
-RENAMES: dict[str, list[tuple[str, str]]] = {
-    # transformers ViTModel as saved on the Hub (google/vit-*), and by save_pretrained.
-    "transformers": [
-        (r"embeddings\.cls_token", r"cls_token"),
-        (r"embeddings\.distillation_token", r"dist_token"),  # DeiTModel
-        (r"embeddings\.register_tokens", r"reg_token"),  # Dinov2WithRegistersModel
-        (r"encoder\.layer\.(\d+)\.norm1\.(weight|bias)", r"blocks.\1.norm1.\2"),  # Dinov2Model
-        (r"encoder\.layer\.(\d+)\.norm2\.(weight|bias)", r"blocks.\1.norm2.\2"),
-        (r"encoder\.layer\.(\d+)\.mlp\.fc1\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-        (r"encoder\.layer\.(\d+)\.mlp\.fc2\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
-        (r"encoder\.layer\.(\d+)\.layer_scale1\.lambda1", r"blocks.\1.ls1.gamma"),
-        (r"encoder\.layer\.(\d+)\.layer_scale2\.lambda1", r"blocks.\1.ls2.gamma"),
-        (r"embeddings\.position_embeddings", r"pos_embed"),
-        (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
-        (r"encoder\.layer\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
-        (r"encoder\.layer\.(\d+)\.attention\.attention\.query\.(weight|bias)", r"blocks.\1.attn.q.\2"),
-        (r"encoder\.layer\.(\d+)\.attention\.attention\.key\.(weight|bias)", r"blocks.\1.attn.k.\2"),
-        (r"encoder\.layer\.(\d+)\.attention\.attention\.value\.(weight|bias)", r"blocks.\1.attn.v.\2"),
-        (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
-        (r"encoder\.layer\.(\d+)\.layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2"),
-        (r"encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-        (r"encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
-        (r"layernorm\.(weight|bias)", r"norm.\1"),
-    ],
-    # transformers >= 5 in-memory module names (ViTModel.state_dict()).
-    "transformers-v5": [
-        (r"embeddings\.cls_token", r"cls_token"),
-        (r"embeddings\.position_embeddings", r"pos_embed"),
-        (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
-        (r"layers\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
-        (r"layers\.(\d+)\.attention\.q_proj\.(weight|bias)", r"blocks.\1.attn.q.\2"),
-        (r"layers\.(\d+)\.attention\.k_proj\.(weight|bias)", r"blocks.\1.attn.k.\2"),
-        (r"layers\.(\d+)\.attention\.v_proj\.(weight|bias)", r"blocks.\1.attn.v.\2"),
-        (r"layers\.(\d+)\.attention\.o_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
-        (r"layers\.(\d+)\.layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2"),
-        (r"layers\.(\d+)\.mlp\.fc1\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-        (r"layers\.(\d+)\.mlp\.fc2\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
-        (r"layernorm\.(weight|bias)", r"norm.\1"),
-    ],
-    # transformers CLIPVisionModel (and the image tower of a CLIPModel).
-    "transformers-clip": [
-        (r"embeddings\.class_embedding", r"cls_token"),
-        (r"embeddings\.position_embedding\.weight", r"pos_embed"),
-        (r"embeddings\.patch_embedding\.weight", r"patch_embed.proj.weight"),
-        (r"pre_layrnorm\.(weight|bias)", r"norm_pre.\1"),
-        (r"encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)", r"blocks.\1.norm1.\2"),
-        (r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"blocks.\1.attn.q.\2"),
-        (r"encoder\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"blocks.\1.attn.k.\2"),
-        (r"encoder\.layers\.(\d+)\.self_attn\.v_proj\.(weight|bias)", r"blocks.\1.attn.v.\2"),
-        (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
-        (r"encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)", r"blocks.\1.norm2.\2"),
-        (r"encoder\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-        (r"encoder\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
-        (r"post_layernorm\.(weight|bias)", r"norm.\1"),
-    ],
-    # timm VisionTransformer: already our names.
-    "timm": [],
-}
-
-# Keys present in the sources that vitembed does not use; dropped, per format.
-UNUSED: dict[str, list[str]] = {
-    "transformers": [
-        r"pooler\..*",
-        r"classifier\..*",
-        r"distillation_classifier\..*",
-        r"cls_classifier\..*",
-        r"embeddings\.mask_token",
-    ],
-    "transformers-v5": [r"pooler\..*", r"classifier\..*", r"embeddings\.mask_token"],
-    "transformers-clip": [
-        r"embeddings\.position_ids",
-        r"text_model\..*",
-        r"visual_projection\..*",
-        r"text_projection\..*",
-        r"logit_scale",
-    ],
-    "timm": [r"head\..*", r"head_dist\..*", r"head_drop\..*", r"mask_token"],
-}
-
-# One key that only that format has.
-TELLTALES: list[tuple[str, str]] = [
-    ("transformers", r"encoder\.layer\.\d+\.attention\.attention\.query\.weight"),
-    ("transformers-v5", r"layers\.\d+\.attention\.q_proj\.weight"),
-    ("transformers-clip", r"encoder\.layers\.\d+\.self_attn\.q_proj\.weight"),
-    ("timm", r"blocks\.\d+\.attn\.qkv\.weight"),
-]
+# Layout name -> its renames, unused keys and tell-tale key, merged from every family's tables.
+LAYOUTS = checkpoint_layouts()
+RENAMES: dict[str, list[tuple[str, str]]] = {name: list(layout.renames) for name, layout in LAYOUTS.items()}
+UNUSED: dict[str, list[str]] = {name: list(layout.unused) for name, layout in LAYOUTS.items()}
+TELLTALES: list[tuple[str, str]] = [(name, layout.telltale) for name, layout in LAYOUTS.items() if layout.telltale]
 
 
 def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:

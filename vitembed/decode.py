@@ -166,9 +166,15 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None, allow_tru
             raise InputError(name, "unsupported", "PostScript/EPS image: Pillow needs Ghostscript (gs) to read it") from None
         kind = "truncated" if "truncated" in message.lower() or isinstance(e, EOFError) else "unreadable"
         raise InputError(name, kind, f"cannot decode: {message}") from None
+    return upright(image)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says (Pillow's ``ImageOps.exif_transpose``);
+    a corrupt EXIF block is ignored rather than losing an otherwise good image."""
     try:
         return ImageOps.exif_transpose(image)
-    except Exception:  # a corrupt EXIF block must not lose an otherwise good image
+    except Exception:
         return image
 
 

@@ -12,16 +12,22 @@ Two rules for every such file (``config.json``, ``preprocessor_config.json``,
   to exhaust the parser's recursion; each becomes a ``ValueError`` with a short
   reason, which callers turn into an error that names the file.
 
+Every file vitembed writes is written under a temporary name in its destination folder and
+renamed into place (``atomic_write``), so a reader, or a job killed at any moment, only ever
+sees complete files.
+
 Does not import torch.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
 import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +121,68 @@ def read_json(path: str | os.PathLike, limit: int = 64 << 20) -> Any:
         ValueError: it is not strict JSON, or too large.
     """
     return parse_json(read_text(Path(path), limit))
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process umask (read once: reading it means setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, *chunks: bytes | memoryview, exclusive: bool = False) -> None:
+    """Write ``chunks``, one after another, to ``path`` through a temporary file in the same folder and a rename.
+
+    ``exclusive``: never replace an existing ``path`` (a hard link instead of a
+    rename, which fails when the name is taken): raises FileExistsError then.
+
+    Creates missing parent folders. On any error the temporary file is removed
+    and ``path`` is left as it was.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A short name: any output name that fits the file system fits here too.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".vitembed-", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        if exclusive:
+            try:
+                os.link(tmp, path)  # atomic, and fails if another process has taken the name
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: check, then rename (a narrow race)
+                if os.path.lexists(path):
+                    raise FileExistsError(17, "File exists", str(path)) from None
+                os.replace(tmp, path)
+            else:
+                os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def canonical_header(data: bytes) -> tuple[bytes, memoryview]:
+    """The same safetensors file with its JSON header keys sorted: (new header, tensor data).
+
+    safetensors writes the metadata in hash-map order, which changes from one
+    process to the next; sorting makes equal embeddings and metadata give
+    byte-identical files. Layout (safetensors format): u64 little-endian header
+    length, JSON header padded with spaces to a multiple of 8 bytes, tensor data
+    (offsets in the header are relative to the data, so they are unchanged).
+    The data is returned as a view, not copied; write the two one after the other.
+    """
+    import json
+
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, memoryview(data)[8 + length :]

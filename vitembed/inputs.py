@@ -206,11 +206,8 @@ class Plan:
         (problems and duplicates by their source path), so ``count`` runs with
         the same inputs, one per index, cover every input exactly once.
 
-        Raises:
-            UsageError: unless 0 <= index < count.
+        ``index`` and ``count`` come checked from ``options.RunOptions``.
         """
-        if not 0 <= index < count:
-            raise UsageError(f"--shard {index}/{count}: expected K/N with 0 <= K < N")
         mine = lambda key: shard_of(key, count) == index  # noqa: E731
         return Plan(
             self.out_dir,

@@ -1,44 +1,19 @@
 """Read back what ``encode`` wrote: tensor names, shapes, dtypes, metadata and statistics.
 
-Reads ``.safetensors`` (through the safetensors library, numpy side) and ``.npy``
-files. Does not import torch, so it starts fast.
+Reads one ``.safetensors`` (through the safetensors library, numpy side) or ``.npy`` file of
+either layout (``layouts/``), whatever it holds; ``vitembed.load`` reads embeddings back. Does not import torch, so it starts fast.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from typing import Any
 
 import numpy as np
 
 from .errors import InputError, printable
-
-
-def _bf16_tensor(path: str, name: str) -> np.ndarray:
-    """A bfloat16 tensor of a safetensors file as float32 (numpy has no bfloat16).
-
-    Layout per the safetensors format: u64 little-endian header length, JSON
-    header with ``data_offsets`` relative to the end of the header, then the data.
-    """
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        info = json.loads(f.read(length))[name]
-        begin, end = info["data_offsets"]
-        f.seek(8 + length + begin)
-        raw = np.frombuffer(f.read(end - begin), dtype="<u2")
-    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
-
-
-def load_tensor(path: str, name: str) -> np.ndarray:
-    """One tensor of a safetensors file as a numpy array; bfloat16 becomes float32 (exactly)."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="numpy") as f:
-        if f.get_slice(name).get_dtype() != "BF16":
-            return f.get_tensor(name)
-    return _bf16_tensor(path, name)
+from .layouts.base import bf16_tensor
+from .layouts.packed_index import PACK_TENSOR
 
 
 def tensor_stats(array: np.ndarray, packed: bool = False) -> dict[str, Any]:
@@ -97,12 +72,12 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
                 for key in f.keys():
                     sl = f.get_slice(key)
                     dtype = sl.get_dtype()
-                    array = _bf16_tensor(name, key) if dtype == "BF16" else f.get_tensor(key)
+                    array = bf16_tensor(name, key) if dtype == "BF16" else f.get_tensor(key)
                     name_of = "bfloat16" if dtype == "BF16" else str(array.dtype)
                     tensors.append({"name": key, "shape": list(sl.get_shape()), "dtype": name_of, "array": array})
             fmt = "safetensors"
     except Exception as e:
         raise InputError(name, "unreadable", f"not a readable safetensors or npy file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     for t in tensors:
-        t["stats"] = tensor_stats(np.asarray(t.pop("array")), packed=t["name"] == "embeddings" and metadata.get("layout") == "packed")
+        t["stats"] = tensor_stats(np.asarray(t.pop("array")), packed=t["name"] == PACK_TENSOR and metadata.get("layout") == "packed")
     return {"path": printable(name), "format": fmt, "metadata": metadata, "tensors": tensors}

@@ -5,7 +5,8 @@ patches -> linear projection -> prepend class token -> add position embedding ->
 pre-norm transformer blocks -> final LayerNorm. Parameter names follow timm's
 ``vision_transformer.py`` (patch_embed.proj, cls_token, pos_embed, blocks.N.norm1,
 blocks.N.attn.qkv, blocks.N.attn.proj, blocks.N.norm2, blocks.N.mlp.fc1/fc2, norm),
-so timm state dicts load unchanged. No I/O happens here.
+so timm state dicts load unchanged. No I/O happens here; how the model is run (device, dtype,
+CPU kernels, threads) is ``runtime.py``'s, what its tokens mean ``families/``'.
 """
 
 from __future__ import annotations
@@ -33,80 +34,6 @@ def _activation(name: str) -> nn.Module:
 class _QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
-
-
-class PackedLinear(nn.Module):
-    """Inference-only ``nn.Linear`` on the CPU through oneDNN, its weight reordered once.
-
-    (..., in) float32 -> (..., out) float32, the same function as ``F.linear``
-    (optionally followed by GELU, ``fused_gelu`` = ``"none"`` for exact erf or
-    ``"tanh"``), computed by oneDNN's inner-product kernel on a weight laid out
-    for it ahead of time, as PyTorch Inductor does when it freezes a model for
-    CPU inference. Bias add and GELU happen inside the kernel. Results may
-    differ from ``F.linear`` in the last bits of float32 (about 1e-6 relative);
-    each row depends only on its own input, so outputs do not depend on the
-    batch size. Built by ``pack_for_cpu``.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fused_gelu: str | None = None):
-        super().__init__()
-        self.out_features = weight.shape[0]  # weight: (out, in), as nn.Linear's
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1024)
-        self.bias = None if bias is None else bias.detach()
-        self.attr, self.algorithm = ("gelu", fused_gelu) if fused_gelu is not None else ("none", "")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self.weight, self.bias, self.attr, [], self.algorithm)
-        return y.reshape(*shape[:-1], self.out_features)
-
-
-def _packing_works() -> bool:
-    """Whether oneDNN's packed linear runs here and agrees with ``F.linear`` (checked on a small case)."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return False
-    try:
-        g = torch.Generator().manual_seed(0)
-        linear = nn.Linear(64, 96)
-        x = torch.randn(7, 64, generator=g)
-        with torch.no_grad():
-            ref = F.gelu(linear(x))
-            packed = PackedLinear(linear.weight, linear.bias, fused_gelu="none")(x)
-        return torch.allclose(packed, ref, rtol=1e-5, atol=1e-5)
-    except (RuntimeError, AttributeError, NotImplementedError):
-        return False
-
-
-def pack_for_cpu(model: "VisionTransformer") -> bool:
-    """Swap the linears of a float32 CPU model for ``PackedLinear`` (inference only), in place.
-
-    In every block: qkv, proj, fc1 (with its GELU fused when the activation
-    is GELU) and fc2. (The patch embedding stays a convolution: as a packed
-    matmul it measured no faster.)
-    On 2 AVX2 cores this made the ViT-B/16 forward pass about 5% faster than
-    ``F.linear`` (MKL) with a separate GELU (batch 32: 8.3-8.4 s against
-    8.7-8.9 s), the linears then running at about 144 GFLOP/s. Leaves the model as
-    it is, returning False, when oneDNN cannot do it here, or the model is not
-    float32 on the CPU; the model's state dict is not usable afterwards.
-    """
-    first = next(model.parameters())
-    if first.device.type != "cpu" or first.dtype != torch.float32 or not _packing_works():
-        return False
-    def packed(linear: nn.Linear, fused_gelu: str | None = None) -> PackedLinear:
-        return PackedLinear(linear.weight, linear.bias, fused_gelu)
-
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.qkv = packed(block.attn.qkv)
-            block.attn.proj = packed(block.attn.proj)
-            act = block.mlp.act
-            if isinstance(act, nn.GELU):
-                block.mlp.fc1 = packed(block.mlp.fc1, fused_gelu=act.approximate)
-                block.mlp.act = nn.Identity()
-            else:
-                block.mlp.fc1 = packed(block.mlp.fc1)
-            block.mlp.fc2 = packed(block.mlp.fc2)
-    return True
 
 
 class PatchEmbed(nn.Module):
@@ -277,30 +204,4 @@ class VisionTransformer(nn.Module):
                 states[i] = x
         if deepest == self.cfg.depth + 1:  # CLIP: its last hidden state is not normalised
             states[deepest] = self.norm(x) if self.cfg.final_norm == "tokens" else x  # (B, T, D)
-        out = {name: states[index] for name, index in wanted.items()}
-        return out
-
-
-    def pool(self, tokens: torch.Tensor, how: str, layer: str = "last") -> torch.Tensor:
-        """Reduce token encodings (B, T, D) of ``layer``; T = prefix tokens + patches.
-
-        ``none``: unchanged. ``cls``: the class token, (B, D); for ``last`` of a
-        model with ``final_norm="pooled"`` (CLIP) the final LayerNorm is applied
-        to it, giving the reference's ``pooler_output``. ``mean``: the mean of
-        the patch tokens, (B, D) (timm's ``global_pool='avg'``, prefix tokens
-        excluded). ``patch``: the patch tokens only, (B, grid * grid, D).
-
-        Raises:
-            UsageError: an unknown ``how``.
-        """
-        prefix = self.cfg.num_prefix_tokens
-        if how == "none":
-            return tokens
-        if how == "cls":
-            cls = tokens[:, 0]
-            return self.norm(cls) if layer == "last" and self.cfg.final_norm == "pooled" else cls
-        if how == "mean":
-            return tokens[:, prefix:].mean(dim=1)
-        if how == "patch":
-            return tokens[:, prefix:]
-        raise UsageError(f"pool {how!r}: expected none, cls, mean or patch")
+        return {name: states[index] for name, index in wanted.items()}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .catalog import ModelSpec
+from .families import ModelSpec
 from .config import PreprocessConfig, ViTConfig
 from .errors import CheckpointError, UsageError, WeightsNotFoundError, shown
 
@@ -132,22 +132,22 @@ def _for_checkpoint(
 
     The preprocessing comes from the checkpoint's ``preprocessor_config.json``;
     else from ``spec`` when it is of the checkpoint's family; else from the
-    family's default. If it feeds another input size than the config's (DINOv2
+    family's default (``Family.preprocess``). If it feeds another input size than the config's (DINOv2
     checkpoints are made at 518 and evaluated at 224), the position embedding
     is resampled.
 
     Raises:
         CheckpointError: a preprocessing size the architecture cannot take.
     """
-    from .catalog import FAMILY_PREPROCESS
+    from .families import family_of
 
+    family = family_of(config)
     if pre_file is not None and pre_file.is_file():
         preprocess = PreprocessConfig.from_transformers(_read_json(pre_file), str(pre_file))
-    elif spec.family == config.family or config.family not in FAMILY_PREPROCESS:
-        preprocess = spec.preprocess if config.family == "dinov2" else spec.preprocess.at_image_size(config.image_size)
     else:
-        preprocess = FAMILY_PREPROCESS[config.family]
-        if config.family != "dinov2":
+        own = spec.family == config.family or family.preprocess is None
+        preprocess = spec.preprocess if own else family.preprocess
+        if family.preprocess_at_config_size:
             preprocess = preprocess.at_image_size(config.image_size)
     weights = ResolvedWeights(source, config, preprocess, file, sha256_file(file))
     try:

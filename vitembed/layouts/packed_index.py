@@ -1,21 +1,8 @@
-"""Packed outputs (``--pack N``): N embeddings per file and an index, for jobs of millions of images.
+"""The bookkeeping of the packed layout: part names, ``DIR/index.jsonl``, part headers.
 
-Layout of DIR:
-
-    part-00000.safetensors   tensor ``embeddings`` (rows, *embedding shape); rows <= N.
-                             Metadata: the run's settings (as a per-image file has them),
-                             ``rows``, and ``keys`` / ``sources``: JSON lists, one entry per row.
-    part-2of4-00000...       the same, written by ``--shard 2/4`` (concurrent shards never share a name)
-    index.jsonl              one JSON object per line: {"key", "source", "part", "row", "status"},
-                             status ``encoded`` (``part`` and ``row`` say where) or ``failed``
-                             (with ``error_kind`` and ``error``); the last line for a key wins.
-
-``key`` is the input's output path relative to DIR without the suffix (``sub/cat.jpg``),
-the name a per-image output would have. A part is written whole under a temporary
-name and renamed into place, and its index lines are appended after it, in one
-``write`` (O_APPEND), so concurrent shards can share one index. A part written by
-a job killed before its lines were appended is indexed from its own metadata by
-the next run (``recover_parts``). Does not import torch.
+``packed.py`` writes and reads parts; this module knows their names, appends and reads index
+lines (one ``write`` on an O_APPEND file, so concurrent shards share one index), reads a part's
+header without its data, and indexes parts a killed run never indexed. Does not import torch.
 """
 
 from __future__ import annotations
@@ -28,8 +15,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import open_regular, parse_json
-from .writers import _canonical_header, atomic_write, run_settings
+from ..errors import UsageError, shown
+from ..files import open_regular, parse_json
+from ..settings import run_settings
 
 PACK_TENSOR = "embeddings"
 INDEX_FILE = "index.jsonl"
@@ -87,7 +75,6 @@ def _index_entries(out_dir: Path, bad: list[int] | None = None) -> Iterator[dict
     Raises:
         UsageError: the index exists but cannot be read (a folder, a FIFO, no permission).
     """
-    from .errors import UsageError, shown
     path = Path(out_dir) / INDEX_FILE
     try:
         f = os.fdopen(open_regular(path), encoding="utf-8", errors="surrogateescape")
@@ -125,7 +112,7 @@ def scan_index(out_dir: Path, warn: bool = False) -> tuple[dict[str, dict], set[
     if bad and warn:
         import warnings
 
-        from .errors import VitembedWarning, shown
+        from ..errors import VitembedWarning
 
         lines = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
         warnings.warn(
@@ -137,7 +124,7 @@ def scan_index(out_dir: Path, warn: bool = False) -> tuple[dict[str, dict], set[
     return latest, named
 
 
-def _row_entries(keys: list[str], sources: list[str], part: str) -> list[dict]:
+def row_entries(keys: list[str], sources: list[str], part: str) -> list[dict]:
     """The index lines of a part's rows."""
     return [
         {"key": k, "source": s, "part": part, "row": row, "status": "encoded"}
@@ -189,7 +176,7 @@ def recover_parts(out_dir: Path, index: dict[str, dict], named: set[str], write:
         info = read_part(Path(out_dir) / name)
         if not info.complete or info.keys is None or info.sources is None:
             continue
-        entries = _row_entries(info.keys, info.sources, name)
+        entries = row_entries(info.keys, info.sources, name)
         if write:
             try:
                 append_index(out_dir, entries)
@@ -219,111 +206,3 @@ def remove_dead_parts(out_dir: Path) -> list[str]:
             except OSError:
                 pass
     return removed
-
-
-class PackWriter:
-    """Collects embeddings and writes them N at a time as one part file, then indexes them.
-
-    Args:
-        out_dir: DIR.
-        rows: N, embeddings per part.
-        prefix: part name prefix (``part_prefix``).
-        metadata: string metadata of every part (the run's settings).
-    """
-
-    def __init__(self, out_dir: Path, rows: int, prefix: str, metadata: dict[str, str]):
-        self.out_dir, self.rows, self.prefix, self.metadata = Path(out_dir), rows, prefix, metadata
-        self.number = next_part_number(self.out_dir, prefix)
-        self.pending: list[tuple[str, str, object]] = []  # (key, source, embedding tensor)
-
-    def add(self, key: str, source: str, embedding) -> bool:
-        """Queue one embedding (a CPU tensor); True when a part is full and ``flush`` should be called."""
-        self.pending.append((key, source, embedding))
-        return len(self.pending) >= self.rows
-
-    def flush(self) -> tuple[list[tuple[str, str]], str | None, OSError | None, OSError | None]:
-        """Write the queued embeddings as the next part and append their index lines.
-
-        The part gets the next free name: a name another process took meanwhile (two
-        runs into one DIR) is never overwritten (``atomic_write(exclusive=True)``).
-
-        Returns:
-            ((key, source) of each row, the part's file name, None, index error) when
-            written; the index error (an OSError, else None) says the index lines could
-            not be appended (the part names its rows: the next run indexes it).
-            (the same rows, None, the OSError, None) when the part could not be written
-            (the rows are then not on disk; the caller reports them as failed).
-        """
-        import torch
-        from safetensors.torch import save
-
-        rows, self.pending = self.pending, []
-        if not rows:
-            return [], None, None, None
-        keys = [k for k, _, _ in rows]
-        sources = [s for _, s, _ in rows]
-        meta = {**self.metadata, "rows": str(len(rows)), "keys": json.dumps(keys), "sources": json.dumps(sources)}
-        try:
-            chunks = _canonical_header(save({PACK_TENSOR: torch.stack([e for _, _, e in rows])}, metadata=meta))
-            while True:
-                name = f"{self.prefix}{self.number:05d}.safetensors"
-                self.number += 1
-                try:
-                    atomic_write(self.out_dir / name, *chunks, exclusive=True)
-                    break
-                except FileExistsError:
-                    continue  # another run into this DIR took the name: take the next one
-        except OSError as e:
-            return list(zip(keys, sources)), None, e, None
-        try:
-            append_index(self.out_dir, _row_entries(keys, sources, name))
-        except OSError as e:
-            return list(zip(keys, sources)), name, None, e
-        return list(zip(keys, sources)), name, None, None
-
-
-def iter_packed(out_dir: str | os.PathLike) -> Iterator[tuple[str, str, object]]:
-    """(key, source, embedding) for every encoded input of a packed DIR, part by part.
-
-    Embeddings are numpy arrays in the saved dtype (bfloat16 parts as float32:
-    numpy has no bfloat16; the values are exact). Parts the index never named
-    are read from their own ``keys`` (as the next ``encode`` would index them).
-    Every row is checked against its part's ``keys`` before anything is yielded.
-
-    Raises:
-        UsageError: DIR holds no packed outputs, or the index names rows that are
-            not in their parts (re-run the same ``encode`` to redo them).
-    """
-    from .errors import UsageError, shown
-    from .inspect import load_tensor
-
-    out_dir = Path(out_dir)
-    index = recover_parts(out_dir, *scan_index(out_dir, warn=True), write=False)
-    encoded = [e for e in index.values() if e.get("status") == "encoded"]
-    if not encoded and not (out_dir / INDEX_FILE).is_file():
-        raise UsageError(f"{shown(out_dir)} holds no packed outputs (no {INDEX_FILE}, no part files)")
-    by_part: dict[str, list[dict]] = {}
-    bad: list[dict] = []
-    infos: dict[str, PartInfo] = {}
-    for entry in encoded:
-        part, row = entry.get("part"), entry.get("row")
-        if not isinstance(part, str) or not PART_NAME.match(part) or not isinstance(row, int) or isinstance(row, bool):
-            bad.append(entry)
-            continue
-        if part not in infos:
-            infos[part] = read_part(out_dir / part)
-        keys = infos[part].keys or []
-        if not infos[part].complete or not 0 <= row < len(keys) or keys[row] != entry["key"]:
-            bad.append(entry)
-            continue
-        by_part.setdefault(part, []).append(entry)
-    if bad:
-        first = bad[0]
-        raise UsageError(
-            f"{shown(out_dir / INDEX_FILE)}: {len(bad)} rows are not where it says (first: {first.get('key')!r} "
-            f"in {first.get('part')!r} row {first.get('row')!r}); run the same encode again to redo them"
-        )
-    for part in sorted(by_part):
-        tensor = load_tensor(str(out_dir / part), PACK_TENSOR)
-        for entry in sorted(by_part[part], key=lambda e: e["row"]):
-            yield entry["key"], entry.get("source", ""), tensor[entry["row"]]

@@ -1,0 +1,235 @@
+"""Everything the ``vitembed`` command prints, in one place (presentation only: the library
+reports through callbacks and return values and never prints).
+
+stdout carries only machine output (``out``: ``--json`` lines, ``--list`` lines, ``inspect``
+and ``models`` listings); stderr the start panel, the progress bar, one line per failed or
+repeated input, warnings and the summary (``stderr``: no colour or bar when stderr is not a
+terminal, under ``--quiet`` or with ``NO_COLOR``). Does not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from .errors import printable, shown
+
+
+class StdoutClosed(Exception):
+    """stdout was closed by its reader (``| head``). Not an OSError, so that click does not turn it
+    into exit 1: ``cli.main`` exits 141, as a process killed by SIGPIPE does."""
+
+
+def out(text: str, flush: bool = False) -> None:
+    """Machine output on stdout."""
+    try:
+        sys.stdout.write(text)
+        if flush:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        raise StdoutClosed() from None
+
+
+def stderr(quiet: bool = False) -> Console:
+    """A console on stderr (``quiet``: it prints nothing)."""
+    return Console(stderr=True, quiet=quiet, highlight=False, soft_wrap=True)
+
+
+def say(message: str) -> None:
+    """One plain line on stderr, also under --quiet (errors, warnings, the summary)."""
+    stderr().print(message, markup=False)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (vitembed's own, torch's) as one ``warning:`` line on stderr, not a source excerpt."""
+    say(f"warning: {message}")
+
+
+def start_panel(console: Console, encoder, workers: int, out: Path, pack: int | None = None) -> None:
+    """Device, torch version, dtype, threads, model and weights, in one panel."""
+    import torch
+
+    w = encoder.weights
+    table = Table.grid(padding=(0, 2))
+    rows = [
+        ("model", f"{encoder.model_name} ({w.config.depth} blocks, {w.config.hidden_size} wide)"),
+        ("weights", shown(w.source) + (f" (seed {w.seed}; embeddings carry no meaning)" if w.random else "")),
+        ("sha256", w.sha256 or "-"),
+        ("layer", f"{encoder.layer}, pool {encoder.pool} -> {'x'.join(map(str, encoder.output_shape))} per image"),
+        ("device", f"{encoder.device}  torch {torch.__version__}"),
+        ("dtype", f"compute {encoder.dtype_name}, save {encoder.save_dtype_name}"),
+        ("model run", "torch.compile" if encoder.compiled else "eager" + (", oneDNN packed linears" if encoder.packed else "")),
+        ("threads", "model {} x {} torch threads, decode {}".format(*encoder.thread_layout(), workers)),
+        ("output", shown(out) + (f" (parts of {pack} + index.jsonl)" if pack else " (one file per image)")),
+    ]
+    for key, value in rows:
+        table.add_row(Text(key, style="bold"), Text(value))
+    console.print(Panel(table, title="vitembed", expand=False))
+
+
+class _Speed(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f} images/s" if speed else "- images/s")
+
+
+class EncodeProgress:
+    """A progress bar with images/s and ETA; does nothing when disabled or stderr is not a terminal."""
+
+    def __init__(self, console: Console, total: int | None = None, enabled: bool = True):
+        self.total = total
+        self.enabled = enabled and console.is_terminal and not console.quiet
+        self._progress = (
+            Progress(
+                TextColumn("encoding"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                _Speed(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
+            if self.enabled
+            else None
+        )
+        self._task = None
+
+    def __enter__(self) -> "EncodeProgress":
+        if self._progress is not None:
+            self._progress.__enter__()
+            self._task = self._progress.add_task("encode", total=self.total)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def advance(self) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task)
+
+
+def result_json(result: Any) -> dict:
+    """One ``--json`` line of ``vitembed encode`` for a ``results.Result``."""
+    line = {"source": printable(result.source), "status": result.status, "output": None}
+    if result.output is not None:
+        line["output"] = printable(result.output)
+    if result.row is not None:
+        line.update(key=result.key, row=result.row)
+    if result.error is not None:
+        line.update(error_kind=result.error.kind, error=result.error.reason)
+    if result.reason is not None:
+        line["reason"] = result.reason
+    return line
+
+
+class EncodeReport:
+    """The per-input output of ``vitembed encode``: a ``failed:`` or ``skipped:`` line on stderr,
+    a JSON line on stdout with ``--json``, and the progress bar's step."""
+
+    def __init__(self, console: Console, progress: EncodeProgress, as_json: bool):
+        self.console, self.progress, self.as_json = console, progress, as_json
+
+    def __call__(self, result: Any) -> None:
+        if result.error is not None:
+            say(f"failed: {result.error}")
+        elif result.reason is not None and result.output is None:  # a repeat, not "already done"
+            self.console.print(f"skipped: {shown(result.source)}: {result.reason}", markup=False)
+        if self.as_json:
+            out(json.dumps(result_json(result), ensure_ascii=False) + "\n", flush=True)
+        self.progress.advance()
+
+
+def passed_over_line(count: int) -> str:
+    return f"passed over {count} files that are not images by name" if count != 1 else "passed over 1 file that is not an image by name"
+
+
+def print_plan(plan: Any, as_json: bool, pack: int | None = None, verbose: bool = False) -> None:
+    """``--list``: one line per planned input on stdout: source TAB output, or with ``--pack``
+    source TAB its key in index.jsonl (control characters escaped as on stderr, ``errors.shown``) (JSON: ``{"source", "output"}`` or ``{"source", "key"}``).
+    Files a folder walk passed over are counted on stderr, named there with ``verbose``, and are
+    lines ``{"source", "status": "passed-over", "reason"}`` on stdout with ``--json``."""
+    for job in plan.jobs:  # the tab-separated lines escape control characters (a name cannot break a line)
+        name, where = ("key", job.key) if pack else ("output", printable(job.output))
+        out(json.dumps({"source": printable(job.source), name: where}) + "\n" if as_json else f"{shown(job.source)}\t{shown(where)}\n")
+    for path in plan.passed_over:
+        if as_json:
+            out(json.dumps({"source": printable(path), "status": "passed-over", "reason": "not an image by name"}) + "\n")
+        elif verbose:
+            say(f"passed over: {shown(path)} (not an image by name)")
+    for problem in plan.problems:
+        say(f"failed: {problem}")
+    if plan.passed_over and not as_json:
+        say(passed_over_line(len(plan.passed_over)) + ("" if verbose else " (--verbose names them)"))
+
+
+def print_summary(console: Console, summary: Any, encoder: Any, out_dir: Path, terminated: bool) -> None:
+    """The end of ``vitembed encode`` on stderr: warnings, where failures are listed, and the
+    counts line (the last line, also under --quiet: the counts a batch log needs)."""
+    for problem in dict.fromkeys(summary.log_errors):
+        say(f"warning: {problem}")
+    if summary.nonfinite:
+        say(
+            f"warning: {summary.nonfinite} embeddings hold Inf or NaN values"
+            + (f" (--dtype {encoder.dtype_name} overflow? try --dtype float32)" if encoder.dtype_name == "float16" else "")
+            + (" (--save-dtype float16 overflow? try float32 or bfloat16)" if encoder.save_dtype_name == "float16" else "")
+        )
+    if summary.passed_over:
+        console.print(passed_over_line(summary.passed_over) + " (vitembed encode --list --verbose names them)", markup=False)
+    if summary.failed and not summary.log_errors:
+        console.print(f"failures are listed in {shown(out_dir / 'failures.jsonl')}", markup=False)
+    if summary.stopped:
+        console.print("stopped at the first failure (--fail-fast)", markup=False)
+    if summary.interrupted:
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
+        say(f"{how}: the outputs already written are complete; run again to resume")
+    say(
+        f"encoded {summary.encoded}, skipped {summary.skipped}, failed {summary.failed} in {summary.seconds:.1f} s "
+        f"({summary.images_per_second:.1f} images/s) -> {shown(out_dir)}"
+    )
+
+
+def print_inspect(info: dict) -> None:
+    """``vitembed inspect`` of one file, for humans, on stdout."""
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(f"{shown(info['path'])} ({info['format']})", markup=False)
+    for t in info["tensors"]:
+        console.print(f"  tensor {t['name']}: shape {tuple(t['shape'])} {t['dtype']}", markup=False)
+        console.print("    " + "  ".join(
+            f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {'-' if v is None else v}" for k, v in t["stats"].items()
+        ), markup=False)
+    if info["metadata"]:
+        console.print("  metadata:", markup=False)
+        width = max(map(len, info["metadata"]))
+        for key, value in sorted(info["metadata"].items()):
+            if len(value) > 200:  # a pack's keys/sources lists: --json has them whole
+                value = f"{value[:160]}... ({len(value)} characters; --json shows all)"
+            console.print(f"    {shown(key):<{width}}  {shown(value)}", markup=False)
+
+
+def model_row(spec: Any) -> dict:
+    """One catalog entry as ``vitembed models --json`` prints it."""
+    cfg, pre = spec.config(), spec.preprocess
+    return {
+        "name": spec.name, "family": spec.family, "repo": spec.repo, "variant": spec.variant,
+        "tokens": cfg.num_tokens, "hidden_size": cfg.hidden_size, "image_size": pre.image_size,
+        "prefix_tokens": cfg.num_prefix_tokens, "resize": pre.resize, "resize_size": pre.resize_to,
+        "crop": pre.crop, "interpolation": pre.interpolation, "mean": list(pre.mean), "std": list(pre.std),
+        "description": spec.description,
+    }
+
+
+def model_line(spec: Any) -> str:
+    """One catalog entry as ``vitembed models`` prints it."""
+    cfg, pre = spec.config(), spec.preprocess
+    return (f"{spec.name:<34} {spec.family:<5} {spec.variant:<6} {cfg.num_tokens}x{cfg.hidden_size:<5} "
+            f"{pre.resize} {pre.resize_to}{f' crop {pre.image_size}' if pre.crop else ''} {pre.interpolation} "
+            f"mean={list(pre.mean)} std={list(pre.std)}  {spec.repo}")

@@ -1,0 +1,222 @@
+"""The batch job: inputs -> decode -> preprocess -> model -> layout, resumable.
+
+    plan_jobs (inputs.py)   inputs -> [Job]
+    claim_dir (outdir.py)   the settings check and the resume scan (the layout's), as one step
+    stages.py               decode (worker threads), batch, model (model threads), write (a thread)
+    the layout              writes each embedding (layouts/), reports each input
+
+``encode`` plans and then calls ``encode_plan``, which reports each finished input through a
+callback, so that a CLI, a notebook or a batch system can show progress its own way.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .encoder import Encoder
+from .errors import InputError, UsageError, shown
+from .inputs import Job, Plan, plan_jobs
+from .layouts import Layout, for_run
+from .options import RunOptions, split_fields
+from .outdir import FAILURES_FILE, DirLock, DirState, append_failure, claim_dir, write_dir_state
+from .preprocess import load_pixels
+from .results import Result, Summary
+from .runtime import usable_cores
+from .settings import run_settings
+from .stages import WriteStage, batch_stage, decode_stage, model_stage
+
+
+def encode(
+    inputs: Iterable[str],
+    out_dir: str | os.PathLike,
+    encoder: Encoder | str,
+    *,
+    options: RunOptions | None = None,
+    on_result: Callable[[Result], None] | None = None,
+    stdin_paths: Iterable[str] = (),
+    **run_fields: Any,
+) -> Summary:
+    """Encode image files and directories into ``out_dir``: the Python form of ``vitembed encode``.
+
+    Args:
+        inputs: image files and directories (searched recursively).
+        out_dir: output directory DIR.
+        encoder: an ``Encoder``, or a model name to build one with (``Encoder(name)``).
+        options: the run's ``RunOptions``; or give its fields as keywords (``pack=16``).
+        on_result, stdin_paths: as ``encode_plan``; extra paths, placed as ``vitembed encode -``
+            places them.
+
+    Returns:
+        The run's ``Summary``; inputs that could not be planned (missing paths,
+        output collisions) count as failed, files named twice as skipped.
+
+    Raises:
+        UsageError: options out of range or given twice, DIR with outputs of other settings.
+    """
+    if options is not None and run_fields:
+        raise UsageError(f"encode(): {', '.join(sorted(run_fields))} cannot be given with options=")
+    (options,) = [options] if options is not None else split_fields(run_fields, RunOptions)
+    if isinstance(encoder, str):
+        encoder = Encoder(encoder)
+    plan, layout = plan_run(inputs, out_dir, options, encoder.save_dtype_name, stdin_paths)
+    return encode_plan(plan, encoder, layout, options, on_result)
+
+
+def plan_run(
+    inputs: Iterable[str], out_dir: str | os.PathLike, options: RunOptions, save_dtype: str, stdin_paths: Iterable[str] = ()
+) -> tuple[Plan, Layout]:
+    """The plan (``inputs.plan_jobs``, this shard's part of it) and the layout of a run, before
+    any model is loaded.
+
+    Raises:
+        UsageError: an empty ``out_dir``, or a format that cannot hold ``save_dtype``.
+    """
+    layout = for_run(options.format, options.pack, save_dtype)
+    plan = plan_jobs(list(inputs), out_dir, options.format, stdin_paths)
+    return (plan.shard(*options.shard) if options.shard is not None else plan), layout
+
+
+def encode_plan(
+    plan: Plan,
+    encoder: Encoder,
+    layout: Layout,
+    options: RunOptions = RunOptions(),
+    on_result: Callable[[Result], None] | None = None,
+) -> Summary:
+    """Run the stages over a plan: decode (worker threads), batch, model (``runtime.model_layout``),
+    write (a background thread, into ``layout``).
+
+    A file that cannot be decoded, or whose output cannot be written, is reported as a failed
+    ``Result`` (and appended to ``DIR/failures.jsonl``) and the run goes on. Outputs are written
+    atomically. An input whose output already exists, is complete and was made with the same
+    settings is skipped, so a re-run resumes where a killed one stopped.
+
+    Args:
+        plan: from ``inputs.plan_jobs``; its problems are reported as failed and its duplicates
+            as skipped, before any image is encoded.
+        encoder: the model stage.
+        layout: where the embeddings go (``layouts.for_run``).
+        options: batch size, workers, overwrite, fail_fast (``RunOptions``).
+        on_result: called once per input from the write thread, in input order (with a packed
+            layout, encoded inputs are reported when their part is written).
+
+    Raises:
+        UsageError: DIR holds outputs made with other settings (unless ``overwrite``).
+    """
+    summary = Summary(passed_over=len(plan.passed_over))
+    start = time.perf_counter()
+    metadata = {**encoder.metadata(), "format": layout.fmt, "layout": layout.name}
+    settings = run_settings(metadata)
+    lock = DirLock(Path(plan.out_dir))  # held (shared) until the run ends: see claim_dir
+    try:
+        todo, already, state = claim_dir(plan, settings, lock, options.overwrite, layout)
+        run = _Run(plan, layout.open(plan, metadata), summary, options.fail_fast, on_result)
+    except BaseException:
+        lock.close()
+        raise
+    threads_before = torch.get_num_threads()
+    try:
+        for result in [
+            *(Result(problem.path, "failed", error=problem) for problem in plan.problems),
+            *(Result(source, "skipped", reason=f"same file as {shown(first)}") for source, first in plan.duplicates),
+            *already,
+        ]:
+            if summary.stopped:
+                break
+            run.report(result)
+        if not summary.stopped:
+            _encode_jobs(todo, encoder, options, run)
+        _finish_overwrite(plan, layout, state, settings, summary)
+    except KeyboardInterrupt:  # Ctrl-C: the outputs written so far are complete; report what was done
+        summary.interrupted = True
+    finally:
+        torch.set_num_threads(threads_before)
+        if run.writer is not None:  # an error or Ctrl-C: still write what the model has computed
+            try:
+                run.writer.close()
+            except KeyboardInterrupt:
+                summary.interrupted = True
+        lock.close()  # after the last write
+        summary.log_errors.extend(dict.fromkeys(run.sink.problems))
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _encode_jobs(todo: list[Job], encoder: Encoder, options: RunOptions, run: "_Run") -> None:
+    """Decode, batch, encode and write ``todo`` (the write in ``run.writer``'s thread)."""
+    pre, decode = encoder.preprocess_config, encoder.encoding.decode
+    run.writer = WriteStage(run.write_batch, run.finish)
+    model_threads, torch_threads = encoder.thread_layout()
+    torch.set_num_threads(torch_threads)  # per model thread; restored by the caller
+    decoded = decode_stage(todo, lambda job: load_pixels(job.source, pre, decode), options.workers or usable_cores(),
+                           lookahead=2 * options.batch_size, name=lambda job: job.source)
+    for chunk, embeddings in model_stage(batch_stage(decoded, options.batch_size), encoder, model_threads):
+        run.writer.put(chunk, embeddings)  # (B, T, D)
+        if run.writer.error is not None or run.summary.stopped:
+            break
+    run.writer.close()
+    run.writer = None
+
+
+def _finish_overwrite(plan: Plan, layout: Layout, state: DirState, settings: dict[str, str], summary: Summary) -> None:
+    """An ``--overwrite`` is over when every input went through and was written, and DIR then
+    holds one set of settings (``Layout.overwrite_done``): mark it so in ``DIR/vitembed.json``.
+    Not for a shard (the others may still be redoing theirs), nor after a stop or write failure."""
+    if state.overwrite_started is None or summary.stopped or summary.write_failed or plan.sharded is not None:
+        return
+    if layout.overwrite_done(Path(plan.out_dir), state.overwrite_started):
+        try:
+            write_dir_state(Path(plan.out_dir), DirState(settings))
+        except UsageError as e:  # the outputs are whole; the next run finishes the bookkeeping
+            summary.log_errors.append(str(e))
+
+
+class _Run:
+    """The write side of one run: hands embeddings to the layout's sink and counts and reports
+    every result (``Summary``, ``DIR/failures.jsonl``, ``on_result``), in input order."""
+
+    def __init__(self, plan: Plan, sink, summary: Summary, fail_fast: bool, on_result: Callable | None):
+        self.out_dir, self.sink, self.summary = Path(plan.out_dir), sink, summary
+        self.fail_fast, self.on_result = fail_fast, on_result
+        self.run_id = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.writer: WriteStage | None = None
+
+    def report(self, result: Result) -> None:
+        summary = self.summary
+        setattr(summary, result.status, getattr(summary, result.status) + 1)
+        if result.error is not None:
+            if result.error.kind == "write-failed":
+                summary.write_failed += 1
+            try:
+                append_failure(self.out_dir, result.source, result.error.kind, result.error.reason, self.run_id)
+            except OSError as e:  # the log is a convenience: losing it must not lose the run
+                summary.log_errors.append(f"cannot append to {FAILURES_FILE}: {e.strerror or e}")
+        if self.on_result is not None:
+            self.on_result(result)
+        if self.fail_fast and result.status == "failed":
+            summary.stopped = True  # the results at hand are still reported; nothing new is started
+
+    def write_batch(self, chunk: list[tuple[Job, np.ndarray | InputError]], embeddings: torch.Tensor | None) -> None:
+        if embeddings is not None and embeddings.is_floating_point():
+            self.summary.nonfinite += int((~torch.isfinite(embeddings.reshape(len(embeddings), -1)).all(dim=1)).sum())
+        rows = iter(embeddings) if embeddings is not None else iter(())  # (T, D) each
+        for job, item in chunk:
+            if self.summary.stopped:
+                return
+            if isinstance(item, InputError):
+                self.sink.failed(job, item)
+                self.report(Result(job.source, "failed", error=item))
+                continue
+            for result in self.sink.put(job, next(rows)):
+                self.report(result)
+
+    def finish(self) -> None:  # the last, partly filled part: what was computed is kept, also after Ctrl-C
+        for result in self.sink.close():
+            self.report(result)

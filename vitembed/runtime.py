@@ -1,0 +1,182 @@
+"""How a model runs here: device, dtype, CPU kernels and threads.
+
+    resolve_device / resolve_dtype   ``--device`` and ``--dtype`` names -> what torch runs on
+    pack_for_cpu (PackedLinear)      float32 linears through oneDNN with weights packed once
+    model_layout                     model threads x torch threads each, for a batch run
+
+``model.py`` is the architecture only; this module is everything about running it fast.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DeviceError, UsageError, VitembedWarning
+from .options import SAVE_DTYPES
+
+TORCH_DTYPES = {name: getattr(torch, name) for name in SAVE_DTYPES}  # float32, bfloat16, float16
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+
+    Raises:
+        DeviceError: an explicit device that is not available (never a silent fallback).
+        UsageError: a name that is not a device, or ``cpu:N`` (torch has one CPU device).
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name}: CUDA is not available (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"--device {name}: MPS is not available")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+    elif device.index is not None:  # torch accepts cpu:N, but there is one CPU device: N would mean nothing
+        raise UsageError(f"--device {name}: the CPU device takes no index; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """The compute dtype's name for ``--dtype name`` (checked by ``options.ModelOptions``) on ``device``.
+
+    ``auto``: bfloat16 on CUDA devices that support it, float32 elsewhere (on
+    the CPU, bfloat16 is only fast with AVX512-BF16 or AMX, and even then it
+    rounds: float32 is the exact default). Other names pass through. On a CPU
+    without matrix instructions for the dtype, warns (``VitembedWarning``) that it is slow.
+    """
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if device.type == "cpu" and not _cpu_has_fast(TORCH_DTYPES[name]):
+        needs = "AVX512-BF16 or AMX" if name == "bfloat16" else "AMX-FP16"
+        warnings.warn(
+            f"--dtype {name} on a CPU without {name} matrix instructions "
+            f"({needs}): it runs several times slower than float32 here",
+            VitembedWarning,
+            stacklevel=3,
+        )
+    return name
+
+
+def _cpu_has_fast(dtype: torch.dtype) -> bool:
+    """Whether this CPU has matrix instructions for ``dtype`` (float32 always)."""
+    if dtype == torch.float32:
+        return True
+    cpu = getattr(torch, "cpu", None)
+    if dtype == torch.bfloat16:
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    else:
+        checks = ("_is_amx_fp16_supported",)
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def model_layout(device: torch.device, compiled: bool) -> tuple[int, int]:
+    """(model threads, torch threads each) for a run: on the CPU, two model threads with half
+    the torch threads each, each running half of every batch (``stages.model_stage``); elsewhere,
+    or with ``--compile``, one thread with all of them.
+
+    Two single-threaded matmuls beat one two-threaded matmul on the same 2 cores
+    (no barriers between the cores; ``bench/`` has the figures), and a decode thread
+    that takes a core then slows one batch instead of stalling both halves of every
+    matmul. Results are the same bits either way (each row's arithmetic does not
+    depend on the threading).
+    """
+    total = torch.get_num_threads()
+    if device.type != "cpu" or compiled or total < 2:
+        return 1, total
+    return 2, total // 2
+
+
+class PackedLinear(nn.Module):
+    """Inference-only ``nn.Linear`` on the CPU through oneDNN, its weight reordered once.
+
+    (..., in) float32 -> (..., out) float32, the same function as ``F.linear``
+    (optionally followed by GELU, ``fused_gelu`` = ``"none"`` for exact erf or
+    ``"tanh"``), computed by oneDNN's inner-product kernel on a weight laid out
+    for it ahead of time, as PyTorch Inductor does when it freezes a model for
+    CPU inference. Bias add and GELU happen inside the kernel. Results may
+    differ from ``F.linear`` in the last bits of float32 (about 1e-6 relative);
+    each row depends only on its own input, so outputs do not depend on the
+    batch size. Built by ``pack_for_cpu``.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fused_gelu: str | None = None):
+        super().__init__()
+        self.out_features = weight.shape[0]  # weight: (out, in), as nn.Linear's
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1024)
+        self.bias = None if bias is None else bias.detach()
+        self.attr, self.algorithm = ("gelu", fused_gelu) if fused_gelu is not None else ("none", "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self.weight, self.bias, self.attr, [], self.algorithm)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def _packing_works() -> bool:
+    """Whether oneDNN's packed linear runs here and agrees with ``F.linear`` (checked on a small case)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        linear = nn.Linear(64, 96)
+        x = torch.randn(7, 64, generator=g)
+        with torch.no_grad():
+            ref = F.gelu(linear(x))
+            packed = PackedLinear(linear.weight, linear.bias, fused_gelu="none")(x)
+        return torch.allclose(packed, ref, rtol=1e-5, atol=1e-5)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def pack_for_cpu(model: nn.Module) -> bool:
+    """Swap the linears of a float32 CPU model for ``PackedLinear`` (inference only), in place.
+
+    In every block: qkv, proj, fc1 (with its GELU fused when the activation
+    is GELU) and fc2; the patch embedding stays a convolution (``bench/`` and
+    the README have the figures). Leaves the model as it is, returning False,
+    when oneDNN cannot do it here, or the model is not float32 on the CPU; the
+    model's state dict is not usable afterwards.
+    """
+    first = next(model.parameters())
+    if first.device.type != "cpu" or first.dtype != torch.float32 or not _packing_works():
+        return False
+    def packed(linear: nn.Linear, fused_gelu: str | None = None) -> PackedLinear:
+        return PackedLinear(linear.weight, linear.bias, fused_gelu)
+
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv = packed(block.attn.qkv)
+            block.attn.proj = packed(block.attn.proj)
+            act = block.mlp.act
+            if isinstance(act, nn.GELU):
+                block.mlp.fc1 = packed(block.mlp.fc1, fused_gelu=act.approximate)
+                block.mlp.act = nn.Identity()
+            else:
+                block.mlp.fc1 = packed(block.mlp.fc1)
+            block.mlp.fc2 = packed(block.mlp.fc2)
+    return True
