@@ -144,3 +144,30 @@ def test_load_reads_npy_folders_and_refuses_what_is_not_an_output(images, small_
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(UsageError, match="is not a vitembed output"):
         vitembed.load(tmp_path / "notes.txt")
+
+
+def test_import_and_load_need_no_torch(cli_out):
+    import subprocess
+    import sys
+
+    code = ("import sys, vitembed; vitembed.ModelOptions(); vitembed.RunOptions(pack=2); "
+            f"n = len(vitembed.load({str(cli_out / 'packed')!r})); "
+            "assert 'torch' not in sys.modules, 'torch imported'; print(n)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "3", r.stderr
+
+
+def test_encode_takes_one_path_as_one_input_not_its_characters(images, small_ckpt, tmp_path):
+    summary = vitembed.encode(str(images / "a.png"), tmp_path / "out", vitembed.Encoder(weights=str(small_ckpt)))
+    assert (summary.encoded, summary.failed) == (1, 0)
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".safetensors"] == ["a.png.safetensors"]
+
+
+def test_random_weights_warn_and_the_package_lists_its_api(small_ckpt):
+    from vitembed.errors import VitembedWarning
+
+    with pytest.warns(VitembedWarning, match="random weights; its embeddings carry no meaning"):
+        enc = vitembed.Encoder("vit_tiny_patch16_224.augreg_in21k", weights="random", layer="embeddings")
+    assert "layer='embeddings'" in repr(enc) and "(197, 192)" in repr(enc)
+    assert {"Encoder", "encode", "load", "ModelOptions", "InputError"} <= set(dir(vitembed))
+    assert vitembed.errors.VitembedError is vitembed.VitembedError

@@ -29,14 +29,27 @@ _LAZY = {
     "InputError": "errors",
     "UsageError": "errors",
     "VitembedError": "errors",
+    "VitembedWarning": "errors",
+    "CheckpointError": "errors",
+    "WeightsNotFoundError": "errors",
+    "DeviceError": "errors",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    try:  # a submodule (vitembed.errors.VitembedError without importing vitembed.errors first)
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
     raise AttributeError(f"module 'vitembed' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -118,7 +118,8 @@ def encode(
                                    allow_truncated=allow_truncated, max_pixels=max_pixels)
         run = RunOptions(format=fmt.value, pack=pack, batch_size=batch_size, workers=workers, overwrite=overwrite,
                          fail_fast=fail_fast, shard=shard)
-        summary, encoder, out_dir = _encode(inputs, stdin_paths, out_dir, options, encoding, run, list_only, as_json, verbose, quiet)
+        summary, encoder, out_dir = _encode(inputs, stdin_paths, out_dir, options, encoding, run,
+                                            list_only=list_only, as_json=as_json, verbose=verbose, quiet=quiet)
     except VitembedError as e:
         raise _fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:
@@ -132,7 +133,7 @@ def encode(
         raise typer.Exit(1)
 
 
-def _encode(inputs, stdin_paths, out_dir, options, encoding, run, list_only, as_json, verbose, quiet):
+def _encode(inputs, stdin_paths, out_dir, options, encoding, run, *, list_only: bool, as_json: bool, verbose: bool, quiet: bool):
     """Plan, then (unless ``--list`` or nothing to do) load the encoder and run: (summary, encoder, DIR)."""
     from . import console
     from .outdir import check_out_dir
@@ -158,8 +159,6 @@ def _encode(inputs, stdin_paths, out_dir, options, encoding, run, list_only, as_
         from huggingface_hub.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-    if options.weights == "random":
-        say("warning: --weights random: the model has random weights; its embeddings carry no meaning.")
     encoder = Encoder(options=options, encoding=encoding, progress=not quiet and err.is_terminal)
     console.start_panel(err, encoder, run.workers or usable_cores(), plan.out_dir, run.pack)
     with console.EncodeProgress(err, total=len(plan), enabled=not quiet) as progress:

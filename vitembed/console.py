@@ -230,6 +230,6 @@ def model_row(spec: Any) -> dict:
 def model_line(spec: Any) -> str:
     """One catalog entry as ``vitembed models`` prints it."""
     cfg, pre = spec.config(), spec.preprocess
-    return (f"{spec.name:<34} {spec.family:<5} {spec.variant:<6} {cfg.num_tokens}x{cfg.hidden_size:<5} "
+    return (f"{spec.name:<34} {spec.family:<6} {spec.variant:<5} {f'{cfg.num_tokens}x{cfg.hidden_size}':<8} "
             f"{pre.resize} {pre.resize_to}{f' crop {pre.image_size}' if pre.crop else ''} {pre.interpolation} "
             f"mean={list(pre.mean)} std={list(pre.std)}  {spec.repo}")

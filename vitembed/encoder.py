@@ -42,6 +42,9 @@ class Encoder:
     ``weights.ResolvedWeights``. Weights are found as the CLI finds them
     (``weights.resolve_weights``); ``progress`` shows huggingface_hub's download bars.
 
+    Random weights (``weights="random"``) are refused nowhere but warned about
+    (``VitembedWarning``): their embeddings carry no meaning.
+
     Raises:
         UsageError: an option outside its allowed set, a layer beyond the model's depth.
         WeightsNotFoundError, CheckpointError: no weights, or weights that do not fit.
@@ -86,6 +89,14 @@ class Encoder:
         else:
             self.packed = pack_for_cpu(self.model)
         self.stats = normalize_stats(self.weights.preprocess).to(self.device)  # (2, 3) mean, std
+        if self.weights.random:
+            warnings.warn("--weights random: the model has random weights; its embeddings carry no meaning.",
+                          VitembedWarning, stacklevel=2)
+
+    def __repr__(self) -> str:
+        return (f"Encoder(model={self.model_name!r}, weights={self.weights.source!r}, layer={self.layer!r}, "
+                f"pool={self.pool!r}, device='{self.device}', dtype={self.dtype_name!r}, "
+                f"output_shape={self.output_shape})")
 
     @property
     def layer(self) -> str:

@@ -46,7 +46,7 @@ def encode(
     """Encode image files and directories into ``out_dir``: the Python form of ``vitembed encode``.
 
     Args:
-        inputs: image files and directories (searched recursively).
+        inputs: image files and directories (searched recursively); one path alone is one input.
         out_dir: output directory DIR.
         encoder: an ``Encoder``, or a model name to build one with (``Encoder(name)``).
         options: the run's ``RunOptions``; or give its fields as keywords (``pack=16``).
@@ -79,7 +79,8 @@ def plan_run(
         UsageError: an empty ``out_dir``, or a format that cannot hold ``save_dtype``.
     """
     layout = for_run(options.format, options.pack, save_dtype)
-    plan = plan_jobs(list(inputs), out_dir, options.format, stdin_paths)
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)  # one path, not its characters
+    plan = plan_jobs(inputs, out_dir, options.format, stdin_paths)
     return (plan.shard(*options.shard) if options.shard is not None else plan), layout
 
 
