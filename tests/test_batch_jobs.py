@@ -16,6 +16,7 @@ import pytest
 from safetensors import safe_open
 
 from .conftest import jpeg_bytes, photo, run_cli
+from .helpers import _summary
 
 
 def _folder(root: Path, good: int = 6, bad: bool = True) -> Path:
@@ -35,10 +36,6 @@ def _outputs(out: Path) -> dict[str, bytes]:
         for p in sorted(out.rglob("*.safetensors"))
         if not p.name.endswith(".tmp")
     }
-
-
-def _summary(stderr: bytes) -> str:
-    return [line for line in stderr.decode().splitlines() if line.startswith("encoded ")][-1]
 
 
 def test_rerun_skips_finished_outputs_and_overwrite_redoes_them(tmp_path, small_ckpt):

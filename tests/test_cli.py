@@ -1,9 +1,11 @@
-"""The vitembed command end to end, in subprocesses: outputs, metadata, exit codes, stdin."""
+"""The vitembed command end to end, in subprocesses: outputs, metadata, exit codes, stdin, warnings."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from transformers import ViTModel
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 from .conftest import jpeg_bytes, photo, run_cli
+from .helpers import _folder, _iter
 
 
 def _tree(root: Path) -> dict[str, Path]:
@@ -258,3 +261,38 @@ def test_option_errors_come_before_loading_weights(tmp_path):
     r = run_cli("encode", str(tmp_path / "p.png"), "--out", str(tmp_path / "o"), "--weights", "random", "--format", "npy", "--save-dtype", "bfloat16")
     assert r.returncode == 2
     assert "npy cannot hold bfloat16" in r.stderr.decode() and "random weights" not in r.stderr.decode()
+
+
+def test_null_without_stdin_input_is_a_usage_error(tmp_path):
+    r = run_cli("encode", str(tmp_path), "-0", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "add - to the inputs" in r.stderr.decode()
+
+
+def test_closed_stdout_exits_141_and_keeps_the_rows(tmp_path, small_ckpt):
+    src, out = _folder(tmp_path / "in", good=6), tmp_path / "out"
+    env = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitembed", "encode", str(src), "--out", str(out), "--weights", str(small_ckpt),
+         "--pack", "4", "--batch-size", "1", "--json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    proc.stdout.readline()
+    proc.stdout.close()  # as `| head -1` does
+    proc.wait(timeout=300)
+    assert proc.returncode == 141, proc.stderr.read().decode()
+    assert 4 <= len(_iter(out)) <= 6
+
+
+def test_float16_overflow_is_reported(tmp_path):
+    from safetensors.torch import load_file as load_torch, save_file
+
+    from .conftest import save_vit
+
+    ckpt = save_vit(tmp_path / "ckpt")
+    weights = load_torch(ckpt / "model.safetensors")
+    weights["layernorm.weight"] = weights["layernorm.weight"] * 1e6  # outputs far beyond float16's 65504
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    src = _folder(tmp_path / "in", good=2)
+    r = run_cli("encode", str(src), "--out", str(tmp_path / "out"), "--weights", str(ckpt), "--save-dtype", "float16")
+    assert r.returncode == 0
+    assert "warning: 2 embeddings hold Inf or NaN values (--save-dtype float16 overflow?" in r.stderr.decode()

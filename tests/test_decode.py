@@ -1,17 +1,23 @@
-"""Decoding: EXIF orientation, and a clear InputError for each kind of bad file."""
+"""Decoding: EXIF orientation, the pixel limit, 16- and 32-bit integer images, and a clear InputError
+for each kind of bad file."""
 
 from __future__ import annotations
 
+import json
+import struct
+import warnings
+import zlib
+
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from vitembed.config import PreprocessConfig
-from vitembed.decode import decode_image, open_image
+from vitembed.decode import DEFAULT_MAX_PIXELS, DecodeOptions, decode_image, open_image
 from vitembed.errors import InputError
 from vitembed.preprocess import load_pixels
 
-from .conftest import jpeg_bytes, photo
+from .conftest import jpeg_bytes, photo, run_cli
 
 # Orientation tag -> the transpose that displays the stored pixels upright (EXIF 2.32, tag 0x0112).
 DISPLAY = {
@@ -136,3 +142,172 @@ def test_heif_decodes_with_pillow_heif_and_is_named_without_it(tmp_path, monkeyp
     monkeypatch.setattr(decode, "HEIF_SUPPORT", False)
     err = _kind(fake)
     assert err.kind == "unsupported" and "HEIF/HEIC" in err.reason and "pip install pillow-heif" in err.reason
+
+
+# The pixel limit --------------------------------------------------------------------------------
+
+
+PILLOW_DEFAULT_MAX = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS as Pillow ships it
+
+
+def _claimed_png(path, width: int, height: int):
+    """A small PNG whose IHDR claims width x height (CRC fixed): Pillow reads the header, and
+    decoding it would fail (its pixel data is for 8x8)."""
+    Image.new("L", (8, 8), 9).save(path)
+    data = bytearray(path.read_bytes())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+class _Decoding(Exception):
+    """Raised in place of decoding pixels: the header was accepted."""
+
+
+@pytest.fixture
+def pillow_default_limit(monkeypatch):
+    """Pillow's shipped MAX_IMAGE_PIXELS for the test, whatever earlier tests raised it to; restored after."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", PILLOW_DEFAULT_MAX)
+
+
+def test_default_limit_is_twice_pillows():
+    assert DEFAULT_MAX_PIXELS == 178_956_970 == 2 * PILLOW_DEFAULT_MAX
+
+
+def test_image_just_above_pillows_limit_decodes_by_default(tmp_path, pillow_default_limit):
+    path = tmp_path / "big.png"
+    big = Image.new("L", (9500, 9500))  # 90,250,000 pixels, 88 kB on disk
+    big.paste(200, (10, 20, 30, 40))
+    big.save(path)
+    del big
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # Pillow's; the CLI filters it
+        image = open_image(path)
+    assert image.size == (9500, 9500) and image.getpixel((15, 25)) == 200 and image.getpixel((50, 50)) == 0
+
+
+def test_header_over_the_default_limit_is_refused_before_decoding(tmp_path, monkeypatch, pillow_default_limit):
+    path = _claimed_png(tmp_path / "bomb.png", 13500, 13500)  # 182,250,000 pixels claimed
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: (_ for _ in ()).throw(_Decoding()))
+    for call in (lambda: open_image(path), lambda: decode_image(path)):
+        with pytest.raises(InputError) as info:
+            call()
+        assert info.value.kind == "too-large"
+        # Pillow's own check on the header fires first here (at twice its MAX_IMAGE_PIXELS); the
+        # message is vitembed's either way.
+        assert info.value.reason == "182250000 pixels exceeds the limit of 178956970 (decompression bomb?)"
+
+
+def test_a_limit_above_pillows_refusal_works_from_python(tmp_path, monkeypatch, pillow_default_limit):
+    path = _claimed_png(tmp_path / "huge.png", 13500, 13500)  # 182 M: Pillow alone refuses above 178,956,970
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: (_ for _ in ()).throw(_Decoding()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with pytest.raises(_Decoding):  # the header passed both checks: decoding began
+            decode_image(path, DecodeOptions(max_pixels=200_000_000))
+        with pytest.raises(InputError) as info:  # and a lower limit still refuses
+            decode_image(path, DecodeOptions(max_pixels=182_249_999))
+    assert info.value.kind == "too-large"
+
+
+def test_an_image_side_beyond_the_maximum_is_too_large_before_decoding(tmp_path):
+    from PIL import Image
+
+    from vitembed.decode import MAX_SIDE, decode_image
+    from vitembed.errors import InputError
+
+    path = tmp_path / "strip.png"
+    Image.new("L", (1, MAX_SIDE + 1), 9).save(path)
+    with pytest.raises(InputError) as info:
+        decode_image(path)
+    assert info.value.kind == "too-large" and f"longer than {MAX_SIDE}" in info.value.reason
+
+
+# 16- and 32-bit integer images ------------------------------------------------------------------
+
+
+def test_16_bit_scaling_is_exact_at_every_level_and_uses_integers():
+    from PIL import Image
+
+    from vitembed.decode import to_rgb
+
+    levels = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    grey = np.asarray(to_rgb(Image.fromarray(levels)))[..., 0]
+    assert np.array_equal(grey, np.rint(levels.astype(np.float64) * 255 / 65535).astype(np.uint8))
+
+
+def _mode_i_tiff(path, values: np.ndarray):
+    im = Image.fromarray(values.astype(np.int32))
+    assert im.mode == "I"
+    im.save(path)
+    with Image.open(path) as check:
+        assert check.mode == "I"
+    return path
+
+
+@pytest.mark.parametrize("value,low,high", [(252000, 0, 252000), (-5, -5, 1000)])
+def test_32_bit_integers_beyond_16_bits_are_refused_not_clipped(tmp_path, value, low, high):
+    values = np.full((6, 8), 1000, np.int32)
+    values[2, 3] = value
+    values[0, 0] = 0 if value > 0 else 1000
+    path = _mode_i_tiff(tmp_path / "wide.tif", values)
+    with pytest.raises(InputError) as info:
+        decode_image(path)
+    err = info.value
+    assert err.kind == "unsupported" and err.path == str(path)
+    assert f"from {low} to {high}" in err.reason and "0..65535" in err.reason and "no agreed display range" in err.reason
+
+
+def test_32_bit_integers_within_16_bits_still_scale(tmp_path):
+    values = np.full((6, 8), 4660, np.int32)
+    values[0, 0], values[0, 1] = 65535, 0
+    rgb = np.asarray(decode_image(_mode_i_tiff(tmp_path / "ok.tif", values)))
+    assert rgb[3, 3].tolist() == [18, 18, 18]  # round(4660 * 255 / 65535)
+    assert rgb[0, 0].tolist() == [255, 255, 255] and rgb[0, 1].tolist() == [0, 0, 0]
+
+
+# Files that are not what they claim -------------------------------------------------------------
+
+
+def _garbage_png(path):
+    # As a real broken file: the signature, a chunk length of 801 M and a type of non-ASCII bytes.
+    rng = np.random.default_rng(13)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x2f\xc5\x7d\x50" + b"\xf4\xa8\x81\xe1" + rng.bytes(64))
+    return path
+
+
+@pytest.mark.parametrize("allow_truncated", [False, True])
+def test_png_signature_with_garbage_chunks_is_not_an_image(tmp_path, allow_truncated):
+    path = _garbage_png(tmp_path / "broken.png")
+    with pytest.raises(InputError) as info:
+        decode_image(path, DecodeOptions(allow_truncated=allow_truncated))
+    assert info.value.kind == "not-an-image", info.value
+    assert "codec" not in info.value.reason and "0xf4" not in info.value.reason
+    if allow_truncated:
+        assert info.value.reason == "corrupt PNG data (a chunk name is not text): not a valid PNG file"
+
+
+def test_cli_reports_garbage_png_as_not_an_image(tmp_path, small_ckpt):
+    path = _garbage_png(tmp_path / "broken.png")
+    r = run_cli("encode", str(path), "--out", str(tmp_path / "o"), "--weights", str(small_ckpt), "--allow-truncated", "--json")
+    assert r.returncode == 1, r.stderr.decode()
+    [line] = [json.loads(x) for x in r.stdout.decode().splitlines()]
+    assert line["status"] == "failed" and line["error_kind"] == "not-an-image"
+    assert "corrupt PNG data" in line["error"]
+
+
+def test_eps_without_ghostscript_is_unsupported(tmp_path):
+    import shutil
+
+    from vitembed.decode import decode_image
+    from vitembed.errors import InputError
+
+    if shutil.which("gs"):
+        pytest.skip("Ghostscript is installed: EPS decodes")
+    path = tmp_path / "t.eps"
+    path.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(InputError) as info:
+        decode_image(path)
+    assert info.value.kind == "unsupported" and "Ghostscript" in info.value.reason

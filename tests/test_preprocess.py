@@ -1,20 +1,34 @@
-"""Preprocessing equals transformers' ViTImageProcessor (PIL backend) to the bit."""
+"""Preprocessing equals transformers' ViTImageProcessor (PIL backend) to the bit; thin images take
+the crop box in bounded memory; crop sizes are bounded; running out of memory is an InputError."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from transformers.image_transforms import convert_to_rgb
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
+import vitembed.preprocess as preprocess
+from vitembed.catalog import get_model_spec
 from vitembed.config import PreprocessConfig
 from vitembed.decode import to_rgb
-from vitembed.errors import InputError
-from vitembed.preprocess import load_pixels, normalize, normalize_stats, normalize_table
+from vitembed.errors import InputError, UsageError
+from vitembed.preprocess import (
+    load_pixels,
+    normalize,
+    normalize_stats,
+    normalize_table,
+    resize,
+)
 
-from .conftest import jpeg_bytes, photo
+from .conftest import jpeg_bytes, photo, run_cli
 
 CFG = PreprocessConfig()
 STATS = normalize_stats(CFG)
@@ -200,3 +214,142 @@ def test_override_errors():
         PreprocessConfig().override(resize="shortest")
     with pytest.raises(UsageError, match="--crop-pct 1.5"):
         PreprocessConfig().override(crop_pct=1.5)
+
+
+# Thin images on shortest-edge models: the crop box, in bounded memory ---------------------------
+
+
+def _both_paths(image: Image.Image, cfg: PreprocessConfig, monkeypatch) -> tuple[np.ndarray, np.ndarray]:
+    """(full resize then crop, crop box only) for the same image and preprocessing."""
+    calls = []
+    box_only = preprocess._resize_box
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return box_only(*args, **kwargs)
+
+    monkeypatch.setattr(preprocess, "_resize_box", counted)
+    monkeypatch.setattr(preprocess, "MAX_INTERMEDIATE_RATIO", float("inf"))
+    full = resize(image, cfg)
+    assert calls == []
+    monkeypatch.setattr(preprocess, "MAX_INTERMEDIATE_RATIO", 0)
+    box = resize(image, cfg)
+    assert calls == [cfg.image_size]
+    return full, box
+
+
+@pytest.mark.parametrize("model", ["dino-vits16", "vit_base_patch16_224.augreg_in21k", "clip-vit-base-patch16"])
+@pytest.mark.parametrize("rounding", ["floor", "round"])
+@pytest.mark.parametrize("size", [(3, 900), (900, 3), (300, 5000), (375, 500)])
+def test_crop_box_path_equals_full_resize_within_rounding(monkeypatch, model, rounding, size):
+    cfg = get_model_spec(model).preprocess.replace(crop_rounding=rounding)
+    full, box = _both_paths(photo(*size, seed=size[0]), cfg, monkeypatch)
+    assert full.shape == box.shape == (224, 224, 3) and full.dtype == box.dtype == np.uint8
+    diff = np.abs(full.astype(np.int16) - box.astype(np.int16))
+    assert diff.max() <= 2, diff.max()
+    assert diff.mean() < 0.05, diff.mean()
+
+
+def test_thin_images_take_the_box_path_and_ordinary_ones_the_reference_path(monkeypatch):
+    cfg = get_model_spec("dino-vits16").preprocess
+    calls = []
+    box_only = preprocess._resize_box
+    monkeypatch.setattr(preprocess, "_resize_box", lambda *a, **k: calls.append(a[0].size) or box_only(*a, **k))
+    resize(photo(500, 375), cfg)  # 341x256 resized: the exact path
+    resize(photo(12, 500), cfg)  # 256x10666 resized, 54 times the 224x224 crop: the box
+    assert calls == [(12, 500)]
+
+
+_RSS_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys
+    import numpy as np
+    from PIL import Image
+    from vitembed.catalog import get_model_spec
+    from vitembed.preprocess import load_pixels
+
+    if sys.platform.startswith("linux"):  # a regression fails fast with MemoryError instead of taking GBs
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+    folder = sys.argv[1]
+    tall, wide = f"{folder}/tall.png", f"{folder}/wide.png"
+    Image.new("L", (1, 30000), 77).save(tall)
+    Image.new("L", (30000, 1), 77).save(wide)
+    def peak():
+        # Linux: VmHWM, this process image's own peak (ru_maxrss would include the memory of the
+        # pytest process it was forked from, carried across exec). Elsewhere ru_maxrss (bytes on macOS).
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    report = {"start": peak()}
+    for model in ("dino-vits16", "vit-base-patch16-224", "deit-base-patch16-224"):
+        for name, path in (("tall", tall), ("wide", wide)):
+            pixels = load_pixels(path, get_model_spec(model).preprocess)
+            report[f"{model} {name}"] = [peak(), pixels.shape, sorted(set(pixels.reshape(-1).tolist()))]
+    print(json.dumps(report))
+    """
+)
+
+
+def test_1x30000_strips_stay_bounded_in_memory(tmp_path):
+    # dino-vits16 (shorter side to 256, crop 224) used to resize a 1x30000 strip to 256 x 7.68 M
+    # pixels first: 8 GB and half a minute. Squash models are checked alike.
+    done = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    for key, (peak, shape, values) in ((k, v) for k, v in report.items() if k != "start"):
+        assert shape == [224, 224, 3], key
+        assert values == [77], (key, values)  # a flat grey strip stays flat grey
+        assert peak < 600 * 2**20, (key, peak)
+
+
+# Bounded crop sizes -----------------------------------------------------------------------------
+
+
+def test_tiny_crop_pct_is_a_usage_error():
+    cfg = PreprocessConfig(resize="shortest", crop=True, interpolation="bicubic")
+    for call in (lambda: cfg.with_crop_pct(0.0001), lambda: cfg.override(crop_pct=0.0001), lambda: cfg.override(crop_pct=float("nan"))):
+        with pytest.raises(UsageError, match="--crop-pct"):
+            call()
+    assert cfg.with_crop_pct(0.25).resize_to == 896 and cfg.with_crop_pct(1.0).resize_to == 224
+    with pytest.raises(UsageError, match="more than vitembed allows"):
+        cfg.with_crop_pct(0.875).at_image_size(8000)  # floor(8000 / 0.875) = 9142
+
+
+def test_cli_tiny_crop_pct_exits_2(tmp_path):
+    photo(40, 30).save(tmp_path / "a.png")
+    r = run_cli("encode", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), "--weights", "random",
+                "--model", "vit-base-patch16-224", "--crop-pct", "0.0001")
+    assert r.returncode == 2, r.stderr.decode()
+    assert "--crop-pct 0.0001" in r.stderr.decode()
+    assert not (tmp_path / "o" / "a.png.safetensors").exists()
+
+
+# Out of memory ----------------------------------------------------------------------------------
+
+
+def _no_memory(*args, **kwargs):
+    raise MemoryError
+
+
+def test_memory_error_while_resizing_is_an_input_error(tmp_path, monkeypatch):
+    path = tmp_path / "p.png"
+    photo(300, 200).save(path)
+    monkeypatch.setattr(Image.Image, "resize", _no_memory)
+    with pytest.raises(InputError) as info:
+        load_pixels(path, get_model_spec("dino-vits16").preprocess)
+    assert info.value.kind == "out-of-memory" and info.value.path == str(path)
+    assert info.value.reason == "not enough memory to decode and resize this 300x200 image"
+
+
+def test_memory_error_while_decoding_is_an_input_error(tmp_path, monkeypatch):
+    path = tmp_path / "p.png"
+    photo(300, 200).save(path)
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", _no_memory)
+    with pytest.raises(InputError) as info:
+        load_pixels(path, PreprocessConfig())
+    assert info.value.kind == "out-of-memory"
+    assert info.value.reason == "not enough memory to decode and resize this 300x200 image"  # size from the header

@@ -1,4 +1,5 @@
-"""Weights resolution: --weights, $VITEMBED_WEIGHTS, ./weights/<name>/, the Hugging Face cache, and the error."""
+"""Weights resolution: --weights, $VITEMBED_WEIGHTS, ./weights/<name>/, the Hugging Face cache, and the error;
+building the model, with its shapes and memory checked before it is allocated."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from vitembed.errors import WeightsNotFoundError
 from vitembed.weights import resolve_weights, sha256_file
 from vitembed.files import atomic_write
 
-from .conftest import photo, run_cli
+from .conftest import SMALL, photo, run_cli
+from .helpers import _checkpoint_with_config
 
 SPEC = get_model_spec("vit-base-patch16-224-in21k")
 
@@ -126,3 +128,71 @@ def test_timm_repository_in_the_cache_uses_the_catalog_architecture(tmp_path):
     with torch.no_grad():
         want = model(normalize(pixels, normalize_stats(spec.preprocess)))["last"][0].numpy()
     assert got.shape == (197, 192) and np.abs(got - want).max() < 1e-5
+
+
+def test_weights_that_are_not_checkpoints(tmp_path, small_ckpt):
+    with pytest.raises(WeightsNotFoundError, match="is not a checkpoint file"):
+        resolve_weights(SPEC, small_ckpt / "config.json")
+    with pytest.raises(WeightsNotFoundError, match="--weights: empty path"):
+        resolve_weights(SPEC, "")
+
+
+# Building the model: shapes and memory checked before it is allocated ---------------------------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(hidden_size=4096, num_hidden_layers=100, num_attention_heads=16, intermediate_size=16384),
+        dict(hidden_size=16384, num_hidden_layers=512, num_attention_heads=128, intermediate_size=65536),
+    ],
+)
+def test_model_too_large_for_memory_is_a_setup_error(tmp_path, small_ckpt, config):
+    ckpt = _checkpoint_with_config(tmp_path, small_ckpt, **config)
+    img = tmp_path / "a.png"
+    photo(40, 30).save(img)
+    r = run_cli("encode", str(img), "--out", str(tmp_path / "out"), "--weights", str(ckpt))
+    err = r.stderr.decode()
+    assert r.returncode == 2, err
+    assert "config.json: the model has" in err and "GiB" in err and "memory is available" in err and "Traceback" not in err
+
+
+def test_checkpoint_shapes_are_checked_before_the_model_is_allocated(tmp_path, small_ckpt, monkeypatch):
+    from vitembed.catalog import get_model_spec
+    from vitembed.errors import CheckpointError
+    from vitembed.model import VisionTransformer
+    from vitembed.weights import build_model, resolve_weights
+
+    ckpt = _checkpoint_with_config(tmp_path, small_ckpt, hidden_size=96, intermediate_size=192)
+    weights = resolve_weights(get_model_spec("vit-base-patch16-224"), ckpt)
+
+    import torch
+
+    built_on: list[str] = []
+    init = VisionTransformer.__init__
+
+    def recording_init(self, cfg):
+        built_on.append(torch.get_default_device().type)
+        init(self, cfg)
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("the model was allocated before its shapes were checked")
+
+    monkeypatch.setattr(VisionTransformer, "__init__", recording_init)
+    monkeypatch.setattr(VisionTransformer, "to_empty", no_allocation)
+    monkeypatch.setattr(VisionTransformer, "init_weights", no_allocation)
+    with pytest.raises(CheckpointError, match="has shape"):
+        build_model(weights)
+    assert built_on and set(built_on) == {"meta"}
+
+
+def test_memory_check_counts_parameters_exactly():
+    import torch
+
+    from vitembed.config import ViTConfig
+    from vitembed.model import VisionTransformer, num_parameters
+
+    cfg = ViTConfig.from_transformers({**SMALL, "num_hidden_layers": 2})
+    assert num_parameters(cfg) == sum(p.numel() for p in VisionTransformer(cfg).parameters())
+    assert num_parameters(ViTConfig()) == 85_798_656  # ViT-B/16 at 224 without a head
+    assert torch.get_default_device().type == "cpu"  # counting on meta leaves the default alone

@@ -1,0 +1,104 @@
+"""Helpers shared by several test modules (plain functions and constants; fixtures are in conftest.py).
+
+Made-up input folders, small checkpoints of the DeiT, CLIP and DINOv2 families, checkpoints with
+an edited config.json, an Encoder on the small checkpoint, and readers of what a run printed
+(the summary line) and wrote (a packed DIR's index and rows).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import DeiTConfig, DeiTModel
+
+from .conftest import SMALL, jpeg_bytes, photo
+
+
+def _folder(root: Path, good: int = 7, bad: bool = False) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(good):
+        (root / f"img{i:02d}.jpg").write_bytes(jpeg_bytes(photo(60 + i, 40 + i, seed=i)))
+    if bad:
+        (root / "broken.jpg").write_text("not a jpeg")
+    return root
+
+
+def _summary(stderr: bytes) -> str:
+    return [line for line in stderr.decode().splitlines() if line.startswith("encoded ")][-1]
+
+
+def _index(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+
+
+def _iter(out):
+    from vitembed.layouts.packed import iter_packed
+
+    return list(iter_packed(out))
+
+
+def _encoder(small_ckpt, **options):
+    from vitembed.catalog import get_model_spec
+    from vitembed.encoder import Encoder
+    from vitembed.weights import resolve_weights
+
+    weights = resolve_weights(get_model_spec("vit-base-patch16-224-in21k"), str(small_ckpt), progress=False)
+    return Encoder(weights=weights, device="cpu", **options)
+
+
+def _checkpoint_with_config(tmp_path: Path, small_ckpt: Path, **config) -> Path:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes((small_ckpt / "model.safetensors").read_bytes())
+    hf = json.loads((small_ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**hf, **config}))
+    return ckpt
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def _deit(path):
+    torch.manual_seed(0)
+    model = DeiTModel(DeiTConfig(**SMALL)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path)
+    return path
+
+
+def _clip(path, whole: bool = False):
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96, image_size=32, patch_size=8)
+    if whole:
+        model = CLIPModel(CLIPConfig(vision_config=vision, text_config=dict(hidden_size=32, num_hidden_layers=1,
+                                                                           num_attention_heads=2, intermediate_size=64)))
+    else:
+        model = CLIPVisionModel(CLIPVisionConfig(**vision))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.eval().save_pretrained(path)
+    return path
+
+
+def _dinov2(path, registers: int = 0):
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(0)
+    kw = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=56, patch_size=8)
+    model = (
+        Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **kw))
+        if registers
+        else Dinov2Model(Dinov2Config(**kw))
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.eval().save_pretrained(path)
+    return path

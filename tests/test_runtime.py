@@ -1,0 +1,122 @@
+"""How a model runs (runtime.py, through the Encoder): --device names, --dtype auto and bfloat16,
+--compile (a padded last batch, the fallback to eager, Ctrl-C while compiling), and the
+oneDNN-packed linears."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+from .conftest import photo, run_cli
+from .helpers import _encoder, _folder
+
+
+@pytest.mark.parametrize("device", ["cpu:1", "cpu:0"])
+def test_cpu_device_index_is_refused(tmp_path, device):
+    img = tmp_path / "a.png"
+    photo(40, 30).save(img)
+    r = run_cli("encode", str(img), "--out", str(tmp_path / "out"), "--weights", "random", "--device", device)
+    assert r.returncode == 2 and f"--device {device}: the CPU device takes no index" in r.stderr.decode()
+    assert not (tmp_path / "out").exists()
+
+
+def test_dtype_auto_is_float32_on_cpu_and_bfloat16_warns_without_cpu_support(tmp_path, small_ckpt):
+    from vitembed.runtime import _cpu_has_fast
+
+    src = _folder(tmp_path / "in", good=2)
+    auto = run_cli("encode", str(src), "--out", str(tmp_path / "auto"), "--weights", str(small_ckpt))
+    assert auto.returncode == 0
+    with safe_open(str(tmp_path / "auto" / "img00.jpg.safetensors"), "numpy") as f:
+        assert f.metadata()["dtype"] == "float32"
+    bf16 = run_cli("encode", str(src), "--out", str(tmp_path / "bf16"), "--weights", str(small_ckpt), "--dtype", "bfloat16")
+    assert bf16.returncode == 0
+    warned = "warning: --dtype bfloat16 on a CPU without bfloat16 matrix instructions" in bf16.stderr.decode()
+    assert warned == (not _cpu_has_fast(torch.bfloat16))
+    a = load_file(tmp_path / "auto" / "img00.jpg.safetensors")["embedding"]
+    b = load_file(tmp_path / "bf16" / "img00.jpg.safetensors")["embedding"]
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cos.min() > 0.99 and not np.array_equal(a, b)
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, small_ckpt):
+    calls = []
+
+    def broken_compile(model, **kwargs):
+        def run(x, layers):
+            calls.append(x.shape[0])
+            raise RuntimeError("no compiler here\nmore lines")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    eager = _encoder(small_ckpt)(pixels)
+    encoder = _encoder(small_ckpt, compile=True)
+    assert encoder.compiled
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = encoder(pixels)
+        second = encoder(pixels)
+    messages = [str(w.message) for w in caught]
+    assert messages == ["--compile: torch.compile failed (RuntimeError: no compiler here); running eager"]
+    assert calls == [3] and not encoder.compiled and encoder.packed
+    assert torch.equal(first, eager) and torch.equal(second, eager)
+
+
+def test_compiled_model_gets_a_padded_last_batch_and_returns_its_rows(monkeypatch, small_ckpt):
+    shapes = []
+
+    def fake_compile(model, **kwargs):
+        def run(x, layers):
+            shapes.append(x.shape[0])
+            return model(x, layers=layers)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    pixels = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    encoder = _encoder(small_ckpt, compile=True)
+    full, short = encoder(pixels), encoder(pixels[:2])
+    assert shapes == [5, 5]  # the short batch ran at the first batch's size: no recompilation
+    assert short.shape == (2, 17, 48) and torch.equal(short, full[:2])
+
+
+def test_ctrl_c_while_compiling_stays_ctrl_c(monkeypatch, small_ckpt):
+    def compile_interrupted(model, **kwargs):
+        def run(x, layers):
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as e:
+                raise RuntimeError("backend compiler failed") from e
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_interrupted)
+    encoder = _encoder(small_ckpt, compile=True)
+    with pytest.raises(KeyboardInterrupt):
+        encoder(np.zeros((1, 32, 32, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "quick_gelu"])
+def test_packed_linears_match_the_plain_model_and_do_not_depend_on_the_batch(act):
+    import copy
+
+    from vitembed.config import ViTConfig
+    from vitembed.model import VisionTransformer
+    from vitembed.runtime import PackedLinear, pack_for_cpu
+
+    cfg = ViTConfig(hidden_size=64, depth=2, num_heads=4, mlp_dim=128, patch_size=8, image_size=32, act=act)
+    plain = VisionTransformer(cfg).init_weights(seed=3).eval()
+    packed = copy.deepcopy(plain)
+    if not pack_for_cpu(packed):
+        pytest.skip("oneDNN packed linears are not available on this CPU")
+    assert isinstance(packed.blocks[0].mlp.fc1, PackedLinear)
+    assert isinstance(packed.blocks[0].mlp.act, torch.nn.Identity) == (act != "quick_gelu")
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = plain(x)["last"], packed(x)["last"]
+        assert (a - b).abs().max().item() < 1e-4
+        assert torch.equal(packed(x[:2])["last"], b[:2])
+    assert not pack_for_cpu(VisionTransformer(cfg).to(torch.bfloat16))  # float32 only
