@@ -171,3 +171,55 @@ def test_random_weights_warn_and_the_package_lists_its_api(small_ckpt):
     assert "layer='embeddings'" in repr(enc) and "(197, 192)" in repr(enc)
     assert {"Encoder", "encode", "load", "ModelOptions", "InputError"} <= set(dir(vitembed))
     assert vitembed.errors.VitembedError is vitembed.VitembedError
+
+
+def test_wrong_types_are_usage_or_input_errors(images, small_ckpt, encoder, tmp_path):
+    for fields, match in ((dict(device=None), "--device must be"), (dict(weights=3), "--weights must be"),
+                          (dict(allow_truncated="no"), "--allow-truncated must be True or False"),
+                          (dict(compile="no"), "--compile must be True or False"), (dict(layer=2.5), "--layer must be")):
+        with pytest.raises(UsageError, match=match):
+            vitembed.Encoder(**{"weights": str(small_ckpt), **fields})
+    with pytest.raises(UsageError, match="expected a vitembed.ModelOptions"):
+        vitembed.Encoder(options={"model": "x"})
+    for kwargs, match in ((dict(overwrite="no"), "--overwrite must be True or False"),
+                          (dict(fail_fast=1), "--fail-fast must be True or False")):
+        with pytest.raises(UsageError, match=match):
+            vitembed.encode([str(images)], tmp_path / "o", encoder, **kwargs)
+    with pytest.raises(UsageError, match="got a PngImageFile"):
+        vitembed.encode([Image.open(images / "a.png")], tmp_path / "o", encoder)
+    with pytest.raises(UsageError, match="--out must be a path"):
+        vitembed.encode([str(images)], None, encoder)
+    with pytest.raises(UsageError, match="workers must be an integer"):
+        encoder.encode([images / "a.png"], workers="2")
+    for given in ({images / "a.png"}, {"a": 1}):
+        with pytest.raises(UsageError, match="has no order"):
+            encoder.encode(given)
+    for array, match in ((np.array(5), r"shape \(\) "), (np.zeros((20, 30), np.uint8), r"shape \(20, 30\)")):
+        with pytest.raises(InputError, match=match):
+            encoder.encode(array)
+    with pytest.raises(InputError, match=r"image 0: image has no pixels \(0x0\)"):
+        encoder.encode(Image.new("RGB", (0, 0)))
+    small = vitembed.Encoder(weights=str(small_ckpt), max_pixels=100, device="cpu")
+    with pytest.raises(InputError, match="20x20 pixels exceeds the limit of 100"):
+        small.encode(np.zeros((20, 20, 3), np.uint8))
+
+
+def test_layer_numbers_are_recorded_alike_and_the_old_calls_still_work(images, small_ckpt, tmp_path):
+    assert vitembed.Encoder(weights=str(small_ckpt), layer="03").metadata()["layer"] == "3"
+    with pytest.warns(DeprecationWarning, match="use vitembed.Encoder"):
+        old = vitembed.load_encoder(weights=str(small_ckpt), layer="2", preprocess=dict(resize=None, mean=None))
+    assert old.layer == "2"
+    summary = vitembed.encode([str(images / "a.png")], tmp_path / "o", weights=str(small_ckpt), layer="2", pack=2)
+    assert summary.encoded == 1 and vitembed.load(tmp_path / "o").metadata["layer"] == "2"
+
+
+def test_a_failed_encode_stops_its_threads(images, encoder, tmp_path):
+    import threading
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    before = threading.active_count()
+    for _ in range(3):
+        with pytest.raises(InputError):
+            encoder.encode([bad, images / "a.png", images / "b.jpg"], batch_size=1)
+    assert threading.active_count() == before

@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Encoder": "encoder",
+    "load_encoder": "encoder",
     "encode": "run",
     "encode_plan": "run",
     "load": "layouts",

@@ -129,14 +129,7 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None, allow_tru
     ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
     try:
         with Image.open(name) as im:
-            if im.width * im.height > limit:
-                raise InputError(
-                    name, "too-large", f"{im.width}x{im.height} pixels exceeds the limit of {limit} (decompression bomb?)"
-                )
-            if im.width == 0 or im.height == 0:
-                raise InputError(name, "not-an-image", f"image has no pixels ({im.width}x{im.height})")
-            if max(im.width, im.height) > MAX_SIDE:
-                raise InputError(name, "too-large", f"{im.width}x{im.height}: a side longer than {MAX_SIDE} pixels")
+            check_size(name, im.width, im.height, limit)
             im.load()
             image = im
     except InputError:
@@ -167,6 +160,22 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None, allow_tru
         kind = "truncated" if "truncated" in message.lower() or isinstance(e, EOFError) else "unreadable"
         raise InputError(name, kind, f"cannot decode: {message}") from None
     return upright(image)
+
+
+def check_size(name: str, width: int, height: int, max_pixels: int | None = None) -> None:
+    """Refuse an image of ``width`` x ``height`` pixels that has none, more than ``max_pixels``
+    (None: ``DEFAULT_MAX_PIXELS``), or a side longer than ``MAX_SIDE``.
+
+    Raises:
+        InputError: kinds ``too-large`` and ``not-an-image``, naming ``name``.
+    """
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    if width * height > limit:
+        raise InputError(name, "too-large", f"{width}x{height} pixels exceeds the limit of {limit} (decompression bomb?)")
+    if width == 0 or height == 0:
+        raise InputError(name, "not-an-image", f"image has no pixels ({width}x{height})")
+    if max(width, height) > MAX_SIDE:
+        raise InputError(name, "too-large", f"{width}x{height}: a side longer than {MAX_SIDE} pixels")
 
 
 def upright(image: Image.Image) -> Image.Image:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -65,6 +65,9 @@ class Encoder:
             options, encoding = split_fields({"model": model, "weights": weights, **fields}, ModelOptions, EncodingOptions)
         elif fields or model != DEFAULT_MODEL or weights is not None:
             raise UsageError("Encoder(): give options=/encoding= objects, or a model and keyword options, not both")
+        for given, kind in ((options, ModelOptions), (encoding, EncodingOptions)):
+            if given is not None and not isinstance(given, kind):
+                raise UsageError(f"Encoder(): expected a vitembed.{kind.__name__}, got {type(given).__name__}")
         self.options, self.encoding = options or ModelOptions(), encoding or EncodingOptions()
         opts, spec = self.options, get_model_spec(self.options.model)
         given = opts.weights
@@ -149,15 +152,17 @@ class Encoder:
         pre, decode = self.weights.preprocess, self.encoding.decode
         if isinstance(image, (str, os.PathLike)):
             return load_pixels(image, pre, decode)
-        if isinstance(image, Image.Image):
-            from .decode import to_rgb, upright
+        from .decode import check_size, to_rgb, upright
 
+        if isinstance(image, Image.Image):
+            check_size("<image>", image.width, image.height, decode.max_pixels)
             return resize(to_rgb(upright(image), decode.background), pre)
         if isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                 raise InputError("<array>", "unsupported", f"array of shape {image.shape} and dtype {image.dtype}; "
                                  "expected (H, W, 3) uint8 RGB")
-            return resize(Image.fromarray(image, "RGB"), pre)
+            check_size("<array>", image.shape[1], image.shape[0], decode.max_pixels)
+            return resize(Image.fromarray(np.ascontiguousarray(image), "RGB"), pre)
         raise InputError(f"<{type(image).__name__}>", "unsupported",
                          "expected a path, a PIL image or an (H, W, 3) uint8 array")
 
@@ -196,8 +201,9 @@ class Encoder:
 
         if errors not in ("raise", "skip"):
             raise UsageError(f"errors={errors!r}: expected 'raise' or 'skip'")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise UsageError(f"batch_size must be an integer of at least 1 (got {batch_size!r})")
+        for value, name, optional in ((batch_size, "batch_size", False), (workers, "workers", True)):
+            if not (optional and value is None) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UsageError(f"{name} must be an integer of at least 1 (got {value!r})")
         items = list(enumerate(_as_list(images)))
 
         def load(item: tuple[int, Any]) -> np.ndarray:
@@ -211,9 +217,10 @@ class Encoder:
         model_threads, torch_threads = self.thread_layout()
         threads_before = torch.get_num_threads()
         torch.set_num_threads(torch_threads)
+        decoded = decode_stage(items, load, workers or usable_cores(), 2 * batch_size, name=lambda i: f"image {i[0]}")
+        batches = model_stage(batch_stage(decoded, batch_size), self, model_threads)
         try:
-            decoded = decode_stage(items, load, workers or usable_cores(), 2 * batch_size, name=lambda i: f"image {i[0]}")
-            for chunk, embeddings in model_stage(batch_stage(decoded, batch_size), self, model_threads):
+            for chunk, embeddings in batches:
                 for (index, _), item in chunk:
                     if isinstance(item, InputError):
                         if errors == "raise":
@@ -221,7 +228,9 @@ class Encoder:
                         failures.append((index, item))
                 if embeddings is not None:
                     out.append(embeddings)
-        finally:
+        finally:  # an error: stop the decode and model threads now, not when the traceback is collected
+            batches.close()
+            decoded.close()
             torch.set_num_threads(threads_before)
         empty = torch.zeros((0, *self.output_shape), dtype=self.save_dtype)
         result = torch.cat(out) if out else empty
@@ -271,15 +280,28 @@ class Encoder:
         return self.model(x, layers=(self.layer,))[self.layer][:rows]
 
 
+def load_encoder(model: str = DEFAULT_MODEL, weights: Any = None, preprocess: dict | None = None, **options: Any) -> Encoder:
+    """Deprecated: ``Encoder(model, weights, **options)`` (the preprocessing overrides are
+    ``Encoder`` keywords now: ``resize``, ``interpolation``, ``crop_pct``, ``mean``, ``std``)."""
+    warnings.warn("vitembed.load_encoder is deprecated; use vitembed.Encoder(model, weights, **options)",
+                  DeprecationWarning, stacklevel=2)
+    overrides = {k: v for k, v in (preprocess or {}).items() if v is not None}
+    return Encoder(model, weights, **overrides, **options)
+
+
 def _as_list(images: Any) -> list[Any]:
-    """One image or many -> a list: a path, a PIL image or an (H, W, 3) array is one image;
-    an (N, H, W, 3) array is N."""
-    if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
+    """One image or many -> a list: a path, a PIL image or an array is one image, except that an
+    (N, H, W, 3) array is N; a list, tuple or other ordered iterable is one image per item.
+
+    Raises:
+        UsageError: a set or a mapping (no order to return the embeddings in).
+    """
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    if isinstance(images, (str, os.PathLike)) or hasattr(images, "getpixel"):  # a path, a PIL image
         return [images]
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-        return list(images)
-    if hasattr(images, "getpixel"):  # a PIL image
-        return [images]
+    if isinstance(images, (set, frozenset, Mapping)):
+        raise UsageError(f"images: a {type(images).__name__} has no order; give a list")
     if isinstance(images, Iterable):
         return list(images)
     return [images]

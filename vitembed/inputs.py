@@ -231,6 +231,8 @@ def out_path(out_dir: str | os.PathLike) -> Path:
     Raises:
         UsageError: ``out_dir`` is empty.
     """
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise UsageError(f"--out must be a path (got {out_dir!r})")
     if not os.fspath(out_dir):
         raise UsageError("--out: empty path; name the output folder (use --out . for the current folder)")
     return Path(out_dir)

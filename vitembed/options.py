@@ -48,6 +48,11 @@ def _numbers(text: Any, option: str, kind: type, example: str) -> tuple | None:
     return values
 
 
+def _flag(value: Any, option: str) -> None:
+    if not isinstance(value, bool):
+        raise UsageError(f"{option} must be True or False (got {value!r})")
+
+
 def _count(value: Any, option: str, minimum: int = 1, optional: bool = True) -> None:
     if value is None and optional:
         return
@@ -93,6 +98,9 @@ class ModelOptions:
     compile: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.model, (str, os.PathLike)):
+            raise UsageError(f"--model must be a name or a path (got {self.model!r})")
+        object.__setattr__(self, "model", os.fspath(self.model))
         if self.weights is None and self.model not in CATALOG and os.path.exists(self.model):
             object.__setattr__(self, "weights", self.model)  # Encoder("path/to/checkpoint")
             object.__setattr__(self, "model", DEFAULT_MODEL)
@@ -107,6 +115,13 @@ class ModelOptions:
         object.__setattr__(self, "mean", _numbers(self.mean, "--mean", float, "0.485,0.456,0.406"))
         object.__setattr__(self, "std", _numbers(self.std, "--std", float, "0.485,0.456,0.406"))
         _choice(self.dtype, DTYPES, "--dtype")
+        if not isinstance(self.device, str):
+            raise UsageError(f"--device must be a name such as cpu or cuda:0 (got {self.device!r})")
+        _flag(self.compile, "--compile")
+        from .weights import ResolvedWeights
+
+        if self.weights is not None and not isinstance(self.weights, (str, os.PathLike, ResolvedWeights)):
+            raise UsageError(f"--weights must be 'random', a path or None (got {self.weights!r})")
 
     def preprocess_overrides(self) -> dict[str, Any]:
         """The preprocessing overrides, as ``PreprocessConfig.override`` takes them."""
@@ -140,8 +155,13 @@ class EncodingOptions:
     max_pixels: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.layer, str):
+        if isinstance(self.layer, int) and not isinstance(self.layer, bool):
             object.__setattr__(self, "layer", str(self.layer))  # layer=6 from Python
+        if not isinstance(self.layer, str):
+            raise UsageError(f"--layer must be last, embeddings or a block number (got {self.layer!r})")
+        if self.layer.isdigit() and self.layer.isascii():
+            object.__setattr__(self, "layer", str(int(self.layer)))  # "06" is block 6, recorded as "6"
+        _flag(self.allow_truncated, "--allow-truncated")
         _choice(self.pool, POOLS, "--pool")
         _choice(self.save_dtype, SAVE_DTYPES, "--save-dtype")
         try:
@@ -194,6 +214,8 @@ class RunOptions:
             raise UsageError("--pack writes safetensors part files; it cannot be used with --format npy")
         _count(self.batch_size, "--batch-size", optional=False)
         _count(self.workers, "--workers")
+        _flag(self.overwrite, "--overwrite")
+        _flag(self.fail_fast, "--fail-fast")
         if self.shard is not None:
             object.__setattr__(self, "shard", _shard(self.shard))
 

@@ -11,6 +11,7 @@ callback, so that a CLI, a notebook or a batch system can show progress its own 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .catalog import DEFAULT_MODEL
 from .encoder import Encoder
 from .errors import InputError, UsageError, shown
 from .inputs import Job, Plan, plan_jobs
@@ -36,7 +38,7 @@ from .stages import WriteStage, batch_stage, decode_stage, model_stage
 def encode(
     inputs: Iterable[str],
     out_dir: str | os.PathLike,
-    encoder: Encoder | str,
+    encoder: Encoder | str | None = None,
     *,
     options: RunOptions | None = None,
     on_result: Callable[[Result], None] | None = None,
@@ -48,7 +50,8 @@ def encode(
     Args:
         inputs: image files and directories (searched recursively); one path alone is one input.
         out_dir: output directory DIR.
-        encoder: an ``Encoder``, or a model name to build one with (``Encoder(name)``).
+        encoder: an ``Encoder``; or a model name, or None, to build one from the keywords that are
+            ``ModelOptions`` and ``EncodingOptions`` fields (``weights="random", layer="6"``).
         options: the run's ``RunOptions``; or give its fields as keywords (``pack=16``).
         on_result, stdin_paths: as ``encode_plan``; extra paths, placed as ``vitembed encode -``
             places them.
@@ -60,11 +63,17 @@ def encode(
     Raises:
         UsageError: options out of range or given twice, DIR with outputs of other settings.
     """
-    if options is not None and run_fields:
-        raise UsageError(f"encode(): {', '.join(sorted(run_fields))} cannot be given with options=")
-    (options,) = [options] if options is not None else split_fields(run_fields, RunOptions)
-    if isinstance(encoder, str):
-        encoder = Encoder(encoder)
+    run_names = {f.name for f in dataclasses.fields(RunOptions)}
+    fields = {k: v for k, v in run_fields.items() if k in run_names}
+    others = {k: v for k, v in run_fields.items() if k not in run_names}
+    if not isinstance(encoder, Encoder):
+        encoder = Encoder(encoder or DEFAULT_MODEL, **others)
+    elif others:
+        raise UsageError(f"encode(): {', '.join(sorted(others))} cannot be given with encoder= (Encoder options go "
+                         "to vitembed.Encoder; encode() takes RunOptions fields)")
+    if options is not None and fields:
+        raise UsageError(f"encode(): {', '.join(sorted(fields))} cannot be given with options=")
+    (options,) = [options] if options is not None else split_fields(fields, RunOptions)
     plan, layout = plan_run(inputs, out_dir, options, encoder.save_dtype_name, stdin_paths)
     return encode_plan(plan, encoder, layout, options, on_result)
 
@@ -80,6 +89,11 @@ def plan_run(
     """
     layout = for_run(options.format, options.pack, save_dtype)
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)  # one path, not its characters
+    for given in inputs:
+        if not isinstance(given, (str, os.PathLike)):
+            raise UsageError(f"inputs: expected paths of image files or folders, got a {type(given).__name__} "
+                             "(Encoder.encode takes images)")
+    inputs = [os.fspath(i) for i in inputs]
     plan = plan_jobs(inputs, out_dir, options.format, stdin_paths)
     return (plan.shard(*options.shard) if options.shard is not None else plan), layout
 
@@ -158,10 +172,15 @@ def _encode_jobs(todo: list[Job], encoder: Encoder, options: RunOptions, run: "_
     torch.set_num_threads(torch_threads)  # per model thread; restored by the caller
     decoded = decode_stage(todo, lambda job: load_pixels(job.source, pre, decode), options.workers or usable_cores(),
                            lookahead=2 * options.batch_size, name=lambda job: job.source)
-    for chunk, embeddings in model_stage(batch_stage(decoded, options.batch_size), encoder, model_threads):
-        run.writer.put(chunk, embeddings)  # (B, T, D)
-        if run.writer.error is not None or run.summary.stopped:
-            break
+    batches = model_stage(batch_stage(decoded, options.batch_size), encoder, model_threads)
+    try:
+        for chunk, embeddings in batches:
+            run.writer.put(chunk, embeddings)  # (B, T, D)
+            if run.writer.error is not None or run.summary.stopped:
+                break
+    finally:  # stop the decode and model threads now, also on an error or Ctrl-C
+        batches.close()
+        decoded.close()
     run.writer.close()
     run.writer = None
 

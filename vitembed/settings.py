@@ -81,6 +81,14 @@ def _differences(ours: dict[str, str], theirs: dict[str, str]) -> str:
     return text + (f"; and {len(rest)} more: {', '.join(rest)}" if rest else "")
 
 
+def mixed_outputs(path: Any, ours: dict[str, str], theirs: dict[str, str]) -> UsageError:
+    """The UsageError of a reader that finds outputs of two sets of settings under ``path``."""
+    return UsageError(
+        f"{path} holds outputs made with two sets of settings ({_differences(ours, theirs)}): an --overwrite "
+        "that did not finish? Run the same encode again to finish it, or read the files one by one"
+    )
+
+
 def settings_conflict(where: str, ours: dict[str, str], theirs: dict[str, str]) -> UsageError:
     """The UsageError for outputs made with other settings, naming every key that differs."""
     return UsageError(

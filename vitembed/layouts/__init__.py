@@ -51,6 +51,8 @@ def load(path: str | os.PathLike, as_torch: bool = False) -> Loaded:
         InputError: ``path`` does not exist or cannot be read.
         UsageError: nothing vitembed wrote there, or outputs that do not fit together.
     """
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise UsageError(f"load(): expected the path of an output file or folder (got {path!r})")
     path = Path(path)
     if not os.path.lexists(path):
         raise InputError(str(path), "not-found", "no such file or folder")

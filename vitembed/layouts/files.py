@@ -17,8 +17,8 @@ import numpy as np
 from ..errors import InputError, UsageError, printable, shown
 from ..files import atomic_write, canonical_header
 from ..results import Result
-from ..settings import run_settings, settings_conflict
-from .base import Layout, Loaded, Sink
+from ..settings import mixed_outputs, run_settings, settings_conflict
+from .base import Layout, Loaded, Sink, load_tensor
 
 TENSOR_NAME = "embedding"
 SUFFIXES = (".safetensors", ".npy")
@@ -186,7 +186,6 @@ class FilesLayout(Layout):
             UsageError: a folder without outputs, or outputs of different shapes or settings.
             InputError: a file that cannot be read.
         """
-        from .base import load_tensor
         from ..outdir import read_dir_state
 
         root = path if path.is_dir() else path.parent
@@ -196,25 +195,19 @@ class FilesLayout(Layout):
         kinds = {f.suffix for f in files}
         if len(kinds) > 1:
             raise UsageError(f"{shown(path)} holds both .safetensors and .npy outputs; load one kind at a time")
-        dir_settings = read_dir_state(root, tolerate_bad=True).settings
+        state = read_dir_state(root, tolerate_bad=True)
+        if ".npy" in kinds and state.overwrite_started is not None:  # npy files do not say which run made them
+            raise UsageError(f"{shown(root)}: an --overwrite into it has not finished, and npy files do not say "
+                             "which settings made them; run the same encode again to finish it")
+        dir_settings = state.settings
         arrays, keys, sources, settings = [], [], [], None
         for file in files:
-            try:
-                if file.suffix == ".npy":
-                    array, meta = np.load(file, allow_pickle=False), {"source": ""}
-                else:
-                    from safetensors import safe_open
-
-                    with safe_open(str(file), framework="numpy") as f:
-                        meta = dict(f.metadata() or {})
-                    array = load_tensor(str(file), TENSOR_NAME)
-            except (OSError, ValueError, KeyError, RuntimeError) as e:
-                raise InputError(str(file), "unreadable", f"not a readable vitembed output: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            array, meta = _read_one(file)
             ours = run_settings(meta) if file.suffix == ".safetensors" else (dir_settings or {})
             if settings is None:
                 settings = ours
             elif ours != settings:
-                raise settings_conflict(f"{shown(file)} was", settings, ours)
+                raise mixed_outputs(shown(path), settings, ours)
             if arrays and (array.shape, array.dtype) != (arrays[0].shape, arrays[0].dtype):
                 raise UsageError(f"{shown(file)}: shape {array.shape} {array.dtype}, the others {arrays[0].shape} {arrays[0].dtype}")
             arrays.append(array)
@@ -223,12 +216,43 @@ class FilesLayout(Layout):
         return Loaded(np.stack(arrays), keys, sources, settings or {})
 
 
+def _read_one(file: Path) -> tuple[np.ndarray, dict[str, str]]:
+    """(the embedding, the metadata) of one per-image output.
+
+    Raises:
+        InputError: the file cannot be read whole, or holds no ``embedding`` tensor.
+    """
+    try:
+        if file.suffix == ".npy":
+            return np.load(file, allow_pickle=False), {"source": ""}
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="numpy") as f:
+            if TENSOR_NAME not in f.keys():
+                raise InputError(str(file), "unreadable", f"not a vitembed output: no {TENSOR_NAME!r} tensor")
+            meta = dict(f.metadata() or {})
+        return load_tensor(str(file), TENSOR_NAME), meta
+    except InputError:
+        raise
+    except Exception as e:  # safetensors, numpy and the OS fail in many ways: this file, named
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(str(file), "unreadable", f"not a readable vitembed output: {reason}") from None
+
+
 def _outputs_under(folder: Path):
-    """Output files under ``folder`` (recursively): not hidden, not a packed layout's part file."""
-    from .packed import PART_NAME
+    """Output files under ``folder`` (recursively), not hidden.
+
+    Raises:
+        UsageError: a packed layout's part file among them (a folder of another layout inside).
+    """
+    from .packed_index import PART_NAME, read_part
 
     for root, dirs, names in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in names:
-            if name.endswith(SUFFIXES) and not name.startswith(".") and not PART_NAME.match(name):
-                yield Path(root) / name
+            if not name.endswith(SUFFIXES) or name.startswith("."):
+                continue
+            if PART_NAME.match(name) and read_part(Path(root) / name).complete:
+                raise UsageError(f"{shown(root)} holds packed outputs (--pack part files) among one-file-per-image "
+                                 f"outputs under {shown(folder)}; load that folder by itself")
+            yield Path(root) / name

@@ -29,7 +29,7 @@ from pathlib import Path
 from ..errors import InputError, UsageError, printable, shown
 from ..files import atomic_write, canonical_header
 from ..results import Result
-from ..settings import settings_conflict
+from ..settings import mixed_outputs, settings_conflict
 from .base import Layout, Loaded, Sink
 from .packed_index import (
     INDEX_FILE,
@@ -261,8 +261,10 @@ class PackedLayout(Layout):
     @staticmethod
     def owns(path: Path) -> bool:
         if path.is_dir():
-            return (path / INDEX_FILE).exists() or any(PART_NAME.match(n) for n in os.listdir(path))
-        return bool(PART_NAME.match(path.name)) or path.name == INDEX_FILE
+            if (path / INDEX_FILE).exists():
+                return True
+            return any(PART_NAME.match(n) and read_part(path / n).complete for n in sorted(os.listdir(path)))
+        return path.name == INDEX_FILE or (bool(PART_NAME.match(path.name)) and read_part(path).complete)
 
     def read(self, path: Path) -> Loaded:
         """Every encoded input of a packed DIR (``iter_packed``), sorted by key; a part file alone
@@ -273,16 +275,28 @@ class PackedLayout(Layout):
 
         if path.is_dir() or path.name == INDEX_FILE:
             folder = path if path.is_dir() else path.parent
-            from ..outdir import read_dir_state
-
+            settings: dict[str, str] | None = None
+            for part in _live_parts(folder):  # one set of settings, or an --overwrite left unfinished
+                theirs = read_part(folder / part).settings or {}
+                if settings is None:
+                    settings = theirs
+                elif theirs != settings:
+                    raise mixed_outputs(shown(folder), settings, theirs)
             rows = sorted(iter_packed(folder), key=lambda r: r[0])
-            embeddings = np.stack([r[2] for r in rows]) if rows else np.zeros((0,), np.float32)
-            settings = read_dir_state(folder, tolerate_bad=True).settings or {}
-            return Loaded(embeddings, [r[0] for r in rows], [r[1] for r in rows], settings)
+            if not rows:
+                raise UsageError(f"{shown(folder)} holds no encoded embeddings (index.jsonl lists only failures)")
+            return Loaded(np.stack([r[2] for r in rows]), [r[0] for r in rows], [r[1] for r in rows], settings or {})
         info = read_part(path)
         if not info.complete:
             raise InputError(str(path), "unreadable", "not a complete part file")
         return Loaded(load_tensor(str(path), PACK_TENSOR), list(info.keys or []), list(info.sources or []), info.settings or {})
+
+
+def _live_parts(out_dir: Path) -> list[str]:
+    """The parts holding the latest embedding of some key (unindexed parts included), sorted."""
+    index = recover_parts(out_dir, *scan_index(out_dir), write=False)
+    return sorted({e["part"] for e in index.values() if e.get("status") == "encoded" and isinstance(e.get("part"), str)
+                   and PART_NAME.match(e["part"])})
 
 
 def _holds(info: PartInfo, row, key: str) -> bool:
