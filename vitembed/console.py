@@ -15,9 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.table import Table
 from rich.text import Text
 
 from .errors import printable, shown
@@ -58,6 +55,9 @@ def start_panel(console: Console, encoder, workers: int, out: Path, pack: int | 
     import torch
 
     w = encoder.weights
+    from rich.panel import Panel
+    from rich.table import Table
+
     table = Table.grid(padding=(0, 2))
     rows = [
         ("model", f"{encoder.model_name} ({w.config.depth} blocks, {w.config.hidden_size} wide)"),
@@ -75,24 +75,25 @@ def start_panel(console: Console, encoder, workers: int, out: Path, pack: int | 
     console.print(Panel(table, title="vitembed", expand=False))
 
 
-class _Speed(ProgressColumn):
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.1f} images/s" if speed else "- images/s")
-
-
 class EncodeProgress:
     """A progress bar with images/s and ETA; does nothing when disabled or stderr is not a terminal."""
 
     def __init__(self, console: Console, total: int | None = None, enabled: bool = True):
         self.total = total
         self.enabled = enabled and console.is_terminal and not console.quiet
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+
+        class Speed(ProgressColumn):
+            def render(self, task) -> Text:
+                speed = task.finished_speed or task.speed
+                return Text(f"{speed:.1f} images/s" if speed else "- images/s")
+
         self._progress = (
             Progress(
                 TextColumn("encoding"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                _Speed(),
+                Speed(),
                 TimeRemainingColumn(),
                 console=console,
                 transient=False,

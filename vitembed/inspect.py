@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, printable
-from .layouts.base import bf16_tensor
-from .layouts.packed_index import PACK_TENSOR
+from .tensors import bf16_tensor
 
 
 def tensor_stats(array: np.ndarray, packed: bool = False) -> dict[str, Any]:
@@ -79,5 +78,5 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as e:
         raise InputError(name, "unreadable", f"not a readable safetensors or npy file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     for t in tensors:
-        t["stats"] = tensor_stats(np.asarray(t.pop("array")), packed=t["name"] == PACK_TENSOR and metadata.get("layout") == "packed")
+        t["stats"] = tensor_stats(np.asarray(t.pop("array")), packed=metadata.get("layout") == "packed" and "rows" in metadata)
     return {"path": printable(name), "format": fmt, "metadata": metadata, "tensors": tensors}

@@ -18,7 +18,8 @@ from ..errors import InputError, UsageError, printable, shown
 from ..files import atomic_write, canonical_header
 from ..results import Result
 from ..settings import mixed_outputs, run_settings, settings_conflict
-from .base import Layout, Loaded, Sink, load_tensor
+from ..tensors import load_tensor
+from .base import Layout, Loaded, Sink
 
 TENSOR_NAME = "embedding"
 SUFFIXES = (".safetensors", ".npy")

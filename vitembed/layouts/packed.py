@@ -120,7 +120,7 @@ def iter_packed(out_dir: str | os.PathLike) -> Iterator[tuple[str, str, object]]
         UsageError: DIR holds no packed outputs, or the index names rows that are
             not in their parts (re-run the same ``encode`` to redo them).
     """
-    from .base import load_tensor
+    from ..tensors import load_tensor
 
     out_dir = Path(out_dir)
     index = recover_parts(out_dir, *scan_index(out_dir, warn=True), write=False)
@@ -271,7 +271,7 @@ class PackedLayout(Layout):
         gives its own rows."""
         import numpy as np
 
-        from .base import load_tensor
+        from ..tensors import load_tensor
 
         if path.is_dir() or path.name == INDEX_FILE:
             folder = path if path.is_dir() else path.parent
