@@ -33,9 +33,14 @@ def for_run(fmt: str, pack: int | None, save_dtype: str) -> Layout:
     return PackedLayout(pack) if pack is not None else FilesLayout(fmt, save_dtype)
 
 
+def _any(kind: type[Layout]) -> Layout:
+    """An instance of ``kind`` for checking and reading (the values a run would choose do not matter there)."""
+    return kind(1) if kind is PackedLayout else kind()
+
+
 def others(layout: Layout) -> list[Layout]:
     """One of each layout but ``layout``'s own (to refuse mixing layouts in one DIR)."""
-    return [kind(1) if kind is PackedLayout else kind() for kind in KINDS if not isinstance(layout, kind)]
+    return [_any(kind) for kind in KINDS if not isinstance(layout, kind)]
 
 
 def load(path: str | os.PathLike, as_torch: bool = False) -> Loaded:
@@ -58,7 +63,7 @@ def load(path: str | os.PathLike, as_torch: bool = False) -> Loaded:
         raise InputError(str(path), "not-found", "no such file or folder")
     for kind in KINDS:
         if kind.owns(path):
-            loaded = (kind(1) if kind is PackedLayout else kind()).read(path)
+            loaded = _any(kind).read(path)
             break
     else:
         raise UsageError(f"{shown(path)} is not a vitembed output (.safetensors, .npy, or a folder of them)")
