@@ -102,3 +102,38 @@ def _dinov2(path, registers: int = 0):
             p.add_(torch.randn_like(p) * 0.05)
     model.eval().save_pretrained(path)
     return path
+
+
+def _siglip(path, whole: bool = False, head: bool = True, image_size: int = 32, patch_size: int = 8):
+    """A small random SigLIP checkpoint (SiglipVisionModel, or a whole SiglipModel), saved with save_pretrained."""
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
+                  image_size=image_size, patch_size=patch_size, vision_use_head=head)
+    if whole:
+        text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+        model = SiglipModel(SiglipConfig(vision_config=vision, text_config=text))
+    else:
+        model = SiglipVisionModel(SiglipVisionConfig(**vision))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.eval().save_pretrained(path)
+    return path
+
+
+def _dinov3(path, gated: bool = False, registers: int = 4, image_size: int = 32):
+    """A small random DINOv3ViTModel (GELU or gated SiLU MLP), saved with save_pretrained."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    torch.manual_seed(0)
+    config = DINOv3ViTConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
+                             image_size=image_size, patch_size=8, num_register_tokens=registers,
+                             use_gated_mlp=gated, hidden_act="silu" if gated else "gelu")
+    model = DINOv3ViTModel(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.eval().save_pretrained(path)
+    return path

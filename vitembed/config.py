@@ -22,9 +22,14 @@ WIDTHS: dict[str, tuple[int, int, int, int]] = {
     "B": (768, 12, 12, 3072),
     "L": (1024, 24, 16, 4096),
     "H": (1280, 32, 16, 5120),
+    "g": (1408, 40, 16, 6144),
+    "So400m": (1152, 27, 16, 4304),  # shape-optimised (Alabdulmohsin et al. 2023): SigLIP so400m
+    "g-opt": (1536, 40, 16, 6144),  # SigLIP 2's giant-opt
 }
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
+MLPS = ("mlp", "swiglu")
+POOL_HEADS = ("none", "map")
 
 # Sanity limits, far above any published ViT (ViT-22B: width 6144, 48 blocks): a config beyond them
 # is a mistake, and would otherwise exhaust memory instead of failing with a message.
@@ -62,7 +67,20 @@ class ViTConfig:
             position embedding is added (Darcet et al. 2023).
         pos_embed_antialias: antialias when resampling the position embedding
             (timm and DINOv2 with registers: True; DINOv2's reference interpolates without).
-        family: ``vit``, ``deit``, ``clip`` or ``dinov2``: whose reference this follows.
+        class_token: a class token precedes the patches (SigLIP has none).
+        mlp: ``mlp``: fc1 -> act -> fc2; ``swiglu``: fc1 gives 2 * mlp_dim, its first half
+            through SiLU times its second half, then fc2 (Shazeer 2020; timm's ``SwiGLUPacked``,
+            DINOv2 giant).
+        pool_head: ``map``: a multi-head attention pooling head (``attn_pool``: one learned
+            query attends over the last tokens, then a residual MLP; Zhai et al. 2022, SigLIP's
+            ``head``, timm's ``AttentionPoolLatent``); ``none``: no pooling head.
+        rope: 2-D rotary position embeddings on the patch tokens' queries and keys, computed
+            for the input's grid, instead of a learned ``pos_embed`` (DINOv3, Siméoni et al.
+            2025; transformers' ``DINOv3ViTRopePositionEmbedding``).
+        rope_theta: the base period of those rotations (100 for DINOv3).
+        proj_dim: width of a bias-free linear projection (``head``) of the pooled vector into a
+            joint image-text space (CLIP's ``visual_projection``); 0: none.
+        family: the family module whose reference this follows (``families.family_of``).
     """
 
     hidden_size: int = 768
@@ -82,6 +100,12 @@ class ViTConfig:
     layer_scale: bool = False
     reg_tokens: int = 0
     pos_embed_antialias: bool = True
+    class_token: bool = True
+    mlp: str = "mlp"
+    pool_head: str = "none"
+    proj_dim: int = 0
+    rope: bool = False
+    rope_theta: float = 100.0
     family: str = "vit"
 
     def __post_init__(self) -> None:
@@ -94,7 +118,7 @@ class ViTConfig:
         for name, limit in LIMITS.items():
             if getattr(self, name) > limit:
                 raise UsageError(f"{name} {getattr(self, name)} is more than vitembed allows ({limit})")
-        if self.image_size % self.patch_size == 0 and self.num_patches > MAX_PATCHES:
+        if self.num_patches > MAX_PATCHES:
             raise UsageError(
                 f"image size {self.image_size} with patch size {self.patch_size} gives {self.num_patches} patches; "
                 f"at most {MAX_PATCHES} are allowed"
@@ -103,16 +127,27 @@ class ViTConfig:
             raise UsageError(f"layer_norm_eps must be a number in (0, 1) (got {self.layer_norm_eps!r})")
         if self.hidden_size % self.num_heads:
             raise UsageError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.image_size % self.patch_size:
-            raise UsageError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.image_size < self.patch_size:
+            raise UsageError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
         if self.final_norm not in ("tokens", "pooled"):
             raise UsageError(f"final_norm must be 'tokens' or 'pooled' (got {self.final_norm!r})")
         if self.act not in ACTIVATIONS:
             raise UsageError(f"unknown activation {self.act!r}; expected one of {', '.join(ACTIVATIONS)}")
+        if not isinstance(self.rope_theta, float) or not 1 <= self.rope_theta <= 1e9:
+            raise UsageError(f"rope_theta must be a number from 1 to 1e9 (got {self.rope_theta!r})")
+        if self.rope and (self.hidden_size // self.num_heads) % 4:
+            raise UsageError(f"rope needs a head width divisible by 4 (got {self.hidden_size // self.num_heads})")
+        if self.mlp not in MLPS:
+            raise UsageError(f"mlp must be one of {', '.join(MLPS)} (got {self.mlp!r})")
+        if self.pool_head not in POOL_HEADS:
+            raise UsageError(f"pool_head must be one of {', '.join(POOL_HEADS)} (got {self.pool_head!r})")
+        if isinstance(self.proj_dim, bool) or not isinstance(self.proj_dim, int) or not 0 <= self.proj_dim <= LIMITS["hidden_size"]:
+            raise UsageError(f"proj_dim must be an integer from 0 to {LIMITS['hidden_size']} (got {self.proj_dim!r})")
 
     @property
     def grid_size(self) -> int:
-        """Patches per side: image_size // patch_size (14 for 224/16)."""
+        """Patches per side: image_size // patch_size (14 for 224/16; 27 for SigLIP's 384/14,
+        whose stride-14 convolution leaves the last 6 pixel rows and columns out, as its reference)."""
         return self.image_size // self.patch_size
 
     @property
@@ -127,8 +162,9 @@ class ViTConfig:
 
     @property
     def num_embedded_prefix_tokens(self) -> int:
-        """Prefix tokens that the position embedding covers: the class and distillation tokens."""
-        return 1 + int(self.dist_token)
+        """Prefix tokens that the position embedding covers: the class and distillation tokens
+        (the registers come after it is added; ``rope`` models have none)."""
+        return int(self.class_token) + int(self.dist_token)
 
     @property
     def num_tokens(self) -> int:
@@ -145,8 +181,8 @@ class ViTConfig:
         Raises:
             UsageError: the name is not ``<Ti|S|B|L|H>/<patch>``.
         """
-        m = re.fullmatch(r"(Ti|S|B|L|H)/(\d+)", variant)
-        if not m:
+        m = re.fullmatch(r"([A-Za-z0-9-]+)/(\d+)", variant)
+        if not m or m.group(1) not in WIDTHS:
             raise UsageError(f"unknown ViT variant {variant!r}; expected e.g. 'B/16' ({', '.join(WIDTHS)} / patch)")
         hidden, depth, heads, mlp = WIDTHS[m.group(1)]
         fields = dict(hidden_size=hidden, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=int(m.group(2)))
@@ -186,6 +222,10 @@ def layer_index(layer: str, depth: int) -> int:
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 RESIZE_MODES = ("squash", "shortest")
+BACKENDS = ("pil", "torch")
+TORCH_INTERPOLATIONS = ("bilinear", "bicubic")  # what F.interpolate antialiases
+# Image processors that rescale to [0, 1] before resizing, on float tensors (their ``_preprocess``).
+RESCALE_FIRST_PROCESSORS = ("DINOv3ViTImageProcessor", "DINOv3ViTImageProcessorFast")
 
 # Bounds of the preprocessing, far beyond any published checkpoint (DINOv2 resizes to 256 and crops
 # 224, SigLIP goes up to 512, ViT up to 518 at crop 1.0): a larger size is a mistake, and would
@@ -223,6 +263,10 @@ class PreprocessConfig:
             torchvision's ``CenterCrop``, which timm's transforms use.
         interpolation: Pillow resampling filter name (``bilinear``, ``bicubic``, ...).
         mean, std: per-channel (R, G, B) normalisation of values rescaled to [0, 1].
+        backend: ``pil``: resize the uint8 image in Pillow, then rescale (transformers' PIL
+            processors, timm); ``torch``: rescale to float32 [0, 1] first, then resize with
+            ``torch.nn.functional.interpolate(antialias=True)`` (bilinear or bicubic), as
+            ``DINOv3ViTImageProcessor`` does through torchvision on float tensors.
     """
 
     image_size: int = 224
@@ -234,6 +278,7 @@ class PreprocessConfig:
     crop: bool = False
     crop_rounding: str = "floor"
     crop_pct: float | None = None
+    backend: str = "pil"
 
     @property
     def resize_to(self) -> int:
@@ -322,6 +367,13 @@ class PreprocessConfig:
                 f"resize {self.resize} to {self.resize_to} then {'crop' if self.crop else 'no crop'} "
                 f"cannot give a {self.image_size}x{self.image_size} input"
             )
+        if self.backend not in BACKENDS:
+            raise UsageError(f"backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
+        if self.backend == "torch" and self.interpolation not in TORCH_INTERPOLATIONS:
+            raise UsageError(
+                f"interpolation {self.interpolation!r}: this checkpoint resizes float tensors with "
+                f"torch, which antialiases only {' and '.join(TORCH_INTERPOLATIONS)}"
+            )
         if self.crop_rounding not in ("floor", "round"):
             raise UsageError(f"crop_rounding must be 'floor' or 'round' (got {self.crop_rounding!r})")
         numbers = all(
@@ -385,7 +437,9 @@ class PreprocessConfig:
             normalize = hf.get("do_normalize", True)
             mean = tuple(hf.get("image_mean", (0.5, 0.5, 0.5))) if normalize else (0.0, 0.0, 0.0)
             std = tuple(hf.get("image_std", (0.5, 0.5, 0.5))) if normalize else (1.0, 1.0, 1.0)
+            kind = hf.get("image_processor_type", "")
             return cls(
+                backend="torch" if kind in RESCALE_FIRST_PROCESSORS else "pil",
                 image_size=image_size,
                 resize=resize,
                 resize_size=resize_size if resize_size != image_size or resize != "squash" else None,

@@ -27,7 +27,12 @@ PREFIXES = GENERIC_PREFIXES + checkpoint_prefixes()
 LAYOUTS = checkpoint_layouts()
 RENAMES: dict[str, list[tuple[str, str]]] = {name: list(layout.renames) for name, layout in LAYOUTS.items()}
 UNUSED: dict[str, list[str]] = {name: list(layout.unused) for name, layout in LAYOUTS.items()}
-TELLTALES: list[tuple[str, str]] = [(name, layout.telltale) for name, layout in LAYOUTS.items() if layout.telltale]
+# Tell-tales in the order of FAMILIES, the fallback layouts (timm's names, which others share) last.
+TELLTALES: list[tuple[str, str]] = [
+    (name, layout.telltale)
+    for name, layout in sorted(LAYOUTS.items(), key=lambda item: item[1].fallback)
+    if layout.telltale
+]
 
 
 def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -60,23 +65,76 @@ def detect_format(state_dict: Mapping[str, Any], source: str = "checkpoint") -> 
     )
 
 
-def _fuse_qkv(state_dict: dict[str, Any], source: str) -> dict[str, Any]:
-    """Concatenate ``blocks.N.attn.{q,k,v}.*`` into ``blocks.N.attn.qkv.*`` (rows q, then k, then v)."""
-    import torch
-
-    out = {}
+def _parts(state_dict: dict[str, Any], pattern: str, target: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Split off the keys that fully match ``pattern`` (its group 2 names the part): (the other
+    keys, {fused key (``target`` expanded from the match): {part: tensor}})."""
+    out: dict[str, Any] = {}
     parts: dict[str, dict[str, Any]] = {}
     for key, value in state_dict.items():
-        m = re.fullmatch(r"(blocks\.\d+\.attn)\.([qkv])\.(weight|bias)", key)
+        m = re.fullmatch(pattern, key)
         if m:
-            parts.setdefault(f"{m.group(1)}.qkv.{m.group(3)}", {})[m.group(2)] = value
+            parts.setdefault(m.expand(target), {})[m.group(2)] = value
         else:
             out[key] = value
+    return out, parts
+
+
+def _fuse_qkv(state_dict: dict[str, Any], source: str) -> dict[str, Any]:
+    """Concatenate ``blocks.N.attn.{q,k,v}.*`` into ``blocks.N.attn.qkv.*`` (rows q, then k, then v).
+
+    A key projection without a bias beside q and v biases (DINOv3's ``key_bias=False``) gets a
+    zero bias: the same function, in the fused layout.
+    """
+    import torch
+
+    out, parts = _parts(state_dict, r"(blocks\.\d+\.attn)\.([qkv])\.(weight|bias)", r"\1.qkv.\3")
     for key, qkv in parts.items():
+        if key.endswith(".bias") and "k" not in qkv and "q" in qkv:
+            qkv["k"] = torch.zeros_like(qkv["q"])
         missing = [p for p in "qkv" if p not in qkv]
         if missing:
             raise CheckpointError(f"{source}: {key} lacks its {missing[0]} projection")
         out[key] = torch.cat([qkv["q"], qkv["k"], qkv["v"]], dim=0)
+    return out
+
+
+def _fuse_gated_mlp(state_dict: dict[str, Any], source: str) -> dict[str, Any]:
+    """``blocks.N.mlp.fc1.{gate,up}.*`` -> ``blocks.N.mlp.fc1.*``: the up projection alone (a plain
+    MLP that names its first layer ``up_proj``, as DINOv3's), or gate rows then up rows (a SwiGLU
+    MLP, as timm's ``SwiGLUPacked`` keeps them)."""
+    import torch
+
+    out, parts = _parts(state_dict, r"(blocks\.\d+\.mlp\.fc1)\.(gate|up)\.(weight|bias)", r"\1.\3")
+    for key, fc1 in parts.items():
+        if "up" not in fc1:
+            raise CheckpointError(f"{source}: {key} has a gate projection without its up projection")
+        out[key] = torch.cat([fc1["gate"], fc1["up"]], dim=0) if "gate" in fc1 else fc1["up"]
+    return out
+
+
+def _apply_bias_masks(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Multiply each ``X.bias`` by its ``X.bias_mask`` and drop the masks (the original DINOv3's
+    ``LinearKMaskedBias``, whose key bias is masked to zero)."""
+    out = {k: v for k, v in state_dict.items() if not k.endswith(".bias_mask")}
+    for key, mask in state_dict.items():
+        if key.endswith(".bias_mask") and key[: -len("_mask")] in out:
+            bias = out[key[: -len("_mask")]]
+            out[key[: -len("_mask")]] = bias * mask.to(bias.dtype)
+    return out
+
+
+def _split_in_proj(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Split ``attn_pool.in_proj.*`` (nn.MultiheadAttention's fused q, k, v rows, as SigLIP's
+    transformers head keeps them) into timm's ``attn_pool.q.*`` (the first third) and
+    ``attn_pool.kv.*`` (the rest)."""
+    out = {}
+    for key, value in state_dict.items():
+        m = re.fullmatch(r"attn_pool\.in_proj\.(weight|bias)", key)
+        if m:
+            width = value.shape[0] // 3
+            out[f"attn_pool.q.{m.group(1)}"], out[f"attn_pool.kv.{m.group(1)}"] = value[:width], value[width:]
+        else:
+            out[key] = value
     return out
 
 
@@ -110,12 +168,12 @@ def convert_state_dict(state_dict: Mapping[str, Any], source: str = "checkpoint"
             else:
                 raise CheckpointError(f"{source}: unexpected key {key!r} in a {fmt} checkpoint")
         out[key] = value
-    # CLIP keeps the class token as (D,) and the position embedding as an (T, D) table.
+    # CLIP keeps the class token as (D,), CLIP and SigLIP the position embedding as a (T, D) table.
     if "cls_token" in out and out["cls_token"].dim() == 1:
         out["cls_token"] = out["cls_token"].reshape(1, 1, -1)
     if "pos_embed" in out and out["pos_embed"].dim() == 2:
         out["pos_embed"] = out["pos_embed"].unsqueeze(0)
-    return _fuse_qkv(out, source)
+    return _split_in_proj(_fuse_gated_mlp(_fuse_qkv(_apply_bias_masks(out), source), source))
 
 
 def check_converted(model: Any, state_dict: Mapping[str, Any], source: str = "checkpoint") -> None:

@@ -75,6 +75,7 @@ class Encoder:
         self.weights = resolved.at_image_size(opts.image_size).with_overrides(**opts.preprocess_overrides())
         cfg = self.weights.config
         layer_index(self.encoding.layer, cfg.depth)  # a block the model does not have: refused before it is built
+        family_of(cfg).check_pool(cfg, self.encoding.pool, self.encoding.layer)
         self.device = resolve_device(opts.device)
         self.dtype_name = resolve_dtype(opts.dtype, self.device)
         self.dtype, self.save_dtype = TORCH_DTYPES[self.dtype_name], TORCH_DTYPES[self.encoding.save_dtype]
@@ -126,12 +127,12 @@ class Encoder:
     @property
     def output_shape(self) -> tuple[int, ...]:
         """Shape of one image's embedding: (197, 768) for ViT-B/16 at 224 without pooling,
-        (768,) for ``cls`` and ``mean``, (196, 768) for ``patch``."""
+        (768,) for ``cls`` and ``mean``, (196, 768) for ``patch``, (512,) for CLIP B's ``head``."""
         cfg = self.weights.config
         return {
             "none": (cfg.num_tokens, cfg.hidden_size),
             "patch": (cfg.num_patches, cfg.hidden_size),
-        }.get(self.pool, (cfg.hidden_size,))
+        }.get(self.pool, (self.family.pooled_dim(cfg, self.pool),))
 
     def metadata(self) -> dict[str, str]:
         """String metadata saying exactly how the embeddings are made (``settings.encoder_metadata``)."""
@@ -252,6 +253,8 @@ class Encoder:
         x = normalize(batch, self.stats, self.dtype)  # (B, 3, S, S)
         out = self._forward(x)  # (B, T, D)
         out = self.family.pool(self.model, out, self.pool, self.layer)  # (B, T, D) or (B, D)
+        if self.encoding.normalize:  # unit length, computed in float32
+            out = torch.nn.functional.normalize(out.float(), dim=-1)
         return out.to(self.save_dtype).cpu()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ CPU kernels, threads) is ``runtime.py``'s, what its tokens mean ``families/``'.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -28,6 +29,8 @@ def _activation(name: str) -> nn.Module:
         return nn.GELU(approximate="tanh")
     if name == "quick_gelu":  # CLIP: x * sigmoid(1.702 x)
         return _QuickGELU()
+    if name == "silu":
+        return nn.SiLU()
     raise UsageError(f"unknown activation {name!r}")
 
 
@@ -50,8 +53,33 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
 
 
+def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D rotary position embedding of a patch grid, as DINOv3 (transformers'
+    ``DINOv3ViTRopePositionEmbedding``, eval mode): patch centres in [-1, 1] per axis, head_dim / 4
+    frequencies ``theta ** -(4 i / head_dim)`` for y, then the same for x, each angle used twice.
+
+    Returns:
+        (cos, sin), each (grid_h * grid_w, head_dim) float32, patches in row-major order.
+    """
+    inv_freq = 1 / theta ** torch.arange(0, 1, 4 / head_dim, dtype=torch.float32, device=device)  # (head_dim/4,)
+    ys = torch.arange(0.5, grid_h, dtype=torch.float32, device=device) / grid_h
+    xs = torch.arange(0.5, grid_w, dtype=torch.float32, device=device) / grid_w
+    coords = 2.0 * torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1) - 1.0  # (N, 2)
+    angles = (2 * math.pi * coords[:, :, None] * inv_freq[None, None, :]).flatten(1, 2).tile(2)  # (N, head_dim)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of the last ``len(cos)`` tokens of x (B, heads, T, d); prefix tokens unchanged."""
+    prefix, patches = x[:, :, : x.shape[2] - cos.shape[0]], x[:, :, x.shape[2] - cos.shape[0]:]
+    half = patches.shape[-1] // 2
+    rotated = torch.cat((-patches[..., half:], patches[..., :half]), dim=-1)
+    return torch.cat((prefix, patches * cos + rotated * sin), dim=2)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection, through SDPA."""
+    """Multi-head self-attention with a fused qkv projection, through SDPA; with ``rope``
+    (cos, sin of ``rope_2d``) the patch tokens' queries and keys are rotated first."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -59,24 +87,60 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, D/heads)
+        if rope is not None:
+            q, k = _rotate(q, *rope), _rotate(k, *rope)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, D/heads)
         x = x.transpose(1, 2).reshape(B, T, D)
         return self.proj(x)
 
 
 class Mlp(nn.Module):
+    """fc1 -> activation -> fc2; with ``cfg.mlp == "swiglu"`` fc1 gives both halves of a gated
+    unit, SiLU(first) * second (timm's ``SwiGLUPacked``, DINOv2-g's ``weights_in``)."""
+
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.mlp_dim)
-        self.act = _activation(cfg.act)
+        self.gated = cfg.mlp == "swiglu"
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.mlp_dim * (2 if self.gated else 1))
+        self.act = nn.SiLU() if self.gated else _activation(cfg.act)
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        x = self.fc1(x)  # (B, T, mlp_dim), or (B, T, 2 * mlp_dim) gated
+        if self.gated:
+            gate, x = x.chunk(2, dim=-1)
+            return self.fc2(self.act(gate) * x)
+        return self.fc2(self.act(x))
+
+
+class AttentionPool(nn.Module):
+    """Multi-head attention pooling (MAP; Zhai et al. 2022, "Scaling Vision Transformers"):
+    one learned query (``latent``) attends over the tokens (B, T, D), then a residual MLP on its
+    LayerNorm; returns (B, D). timm's ``AttentionPoolLatent`` names; SigLIP's ``head`` (transformers'
+    ``SiglipMultiheadAttentionPoolingHead``, whose ``in_proj`` is split into ``q`` and ``kv``)."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.kv = nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q = self.q(self.latent.expand(B, -1, -1)).reshape(B, 1, self.num_heads, D // self.num_heads).transpose(1, 2)
+        k, v = self.kv(x).reshape(B, T, 2, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, 1, D/heads)
+        x = self.proj(x.transpose(1, 2).reshape(B, 1, D))  # (B, 1, D)
+        x = x + self.mlp(self.norm(x))
+        return x[:, 0]  # (B, D)
 
 
 class LayerScale(nn.Module):
@@ -103,8 +167,8 @@ class Block(nn.Module):
         self.mlp = Mlp(cfg)
         self.ls2 = LayerScale(cfg) if cfg.layer_scale else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x), rope))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
@@ -129,13 +193,16 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size)) if cfg.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size)) if cfg.dist_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, cfg.hidden_size)) if cfg.reg_tokens else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_embedded_prefix_tokens + cfg.num_patches, cfg.hidden_size))
+        tokens = cfg.num_embedded_prefix_tokens + cfg.num_patches
+        self.pos_embed = None if cfg.rope else nn.Parameter(torch.zeros(1, tokens, cfg.hidden_size))
         self.norm_pre = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_norm else None
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn_pool = AttentionPool(cfg) if cfg.pool_head == "map" else None
+        self.head = nn.Linear(cfg.hidden_size, cfg.proj_dim, bias=False) if cfg.proj_dim else None
 
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "VisionTransformer":
         """Standard ViT initialisation, reproducible from ``seed``.
@@ -143,23 +210,37 @@ class VisionTransformer(nn.Module):
         As transformers' ``ViTPreTrainedModel._init_weights``: truncated normal
         (std 0.02) for linear and conv weights, class token and position
         embedding; zero biases; LayerNorm weight 1, bias 0. Uses its own
-        ``torch.Generator``, so the global RNG is untouched.
+        ``torch.Generator``, so the global RNG is untouched. The encoder is drawn
+        first and the pooling head and projection after it, so a model with a head
+        has the same encoder weights as one without.
         """
         g = torch.Generator().manual_seed(seed)
+        heads = [m for m in (self.attn_pool, self.head) if m is not None]
+        in_heads = {id(m) for h in heads for m in h.modules()}
+
+        def init(module: nn.Module) -> None:
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(module.weight, std=std, generator=g)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+
         with torch.no_grad():
             for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Conv2d)):
-                    nn.init.trunc_normal_(module.weight, std=std, generator=g)
-                    if module.bias is not None:
-                        module.bias.zero_()
-                elif isinstance(module, nn.LayerNorm):
-                    module.weight.fill_(1.0)
-                    module.bias.zero_()
-            nn.init.trunc_normal_(self.cls_token, std=std, generator=g)
-            for token in (self.dist_token, self.reg_token):
+                if id(module) not in in_heads:
+                    init(module)
+            for token in (self.cls_token, self.dist_token, self.reg_token):
                 if token is not None:
                     nn.init.trunc_normal_(token, std=std, generator=g)
-            nn.init.trunc_normal_(self.pos_embed, std=std, generator=g)
+            if self.pos_embed is not None:
+                nn.init.trunc_normal_(self.pos_embed, std=std, generator=g)
+            for head in heads:
+                for module in head.modules():
+                    init(module)
+            if self.attn_pool is not None:
+                nn.init.trunc_normal_(self.attn_pool.latent, std=std, generator=g)
         return self
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -169,11 +250,13 @@ class VisionTransformer(nn.Module):
         if (H, W) != (S, S):
             raise UsageError(f"input is {H}x{W} pixels; this model takes {S}x{S}")
         x = self.patch_embed(pixel_values)  # (B, N, D)
-        prefix = [self.cls_token] if self.dist_token is None else [self.cls_token, self.dist_token]
+        prefix = [t for t in (self.cls_token, self.dist_token) if t is not None]
         x = torch.cat([p.expand(B, -1, -1) for p in prefix] + [x], dim=1)  # (B, prefix + N, D)
-        x = x + self.pos_embed
+        if self.pos_embed is not None:  # (rope models rotate queries and keys in every block instead)
+            x = x + self.pos_embed
         if self.reg_token is not None:  # registers follow the class token, without a position embedding
-            x = torch.cat([x[:, :1], self.reg_token.expand(B, -1, -1), x[:, 1:]], dim=1)
+            c = int(self.cfg.class_token)
+            x = torch.cat([x[:, :c], self.reg_token.expand(B, -1, -1), x[:, c:]], dim=1)
         return x if self.norm_pre is None else self.norm_pre(x)
 
     def forward(self, pixel_values: torch.Tensor, layers: Iterable[str] = ("last",)) -> dict[str, torch.Tensor]:
@@ -196,10 +279,15 @@ class VisionTransformer(nn.Module):
         keep = set(wanted.values())
         states: dict[int, torch.Tensor] = {}
         x = self.embed(pixel_values)  # (B, T, D)
+        rope = None
+        if self.cfg.rope:  # (N, D/heads) each, for this input's grid
+            grid_h, grid_w = pixel_values.shape[2] // self.cfg.patch_size, pixel_values.shape[3] // self.cfg.patch_size
+            cos, sin = rope_2d(grid_h, grid_w, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, x.device)
+            rope = cos.to(x.dtype), sin.to(x.dtype)
         if 0 in keep:
             states[0] = x
         for i, block in enumerate(self.blocks[: min(deepest, self.cfg.depth)], start=1):
-            x = block(x)  # (B, T, D)
+            x = block(x, rope)  # (B, T, D)
             if i in keep:
                 states[i] = x
         if deepest == self.cfg.depth + 1:  # CLIP: its last hidden state is not normalised

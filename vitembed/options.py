@@ -137,7 +137,12 @@ class EncodingOptions:
         layer: ``last``, ``embeddings`` or a block number ``"1"`` .. depth (``config.layer_index``;
             the number is checked against the model's depth when the encoder is built).
         pool: one of ``POOLS`` (``Family.pool``): none (all tokens), cls, mean (of the patch
-            tokens), patch (the patch tokens only).
+            tokens), patch (the patch tokens only), head (the family's own pooled embedding:
+            SigLIP's attention-pooling head, CLIP's projection; ``Family.check_pool`` says which
+            a model allows).
+        normalize: L2-normalise each pooled vector (``cls``, ``mean``, ``head``) to unit length, in
+            float32 before ``save_dtype``, so vectors compare by dot product (as CLIP's and SigLIP's
+            image-text logits do).
         save_dtype: dtype of the returned and saved embeddings, one of ``SAVE_DTYPES``.
         background: RGB (0..255 each, or ``"R,G,B"``) that transparent pixels are composited onto.
         allow_truncated: decode truncated files (the missing part grey) instead of refusing them.
@@ -149,6 +154,7 @@ class EncodingOptions:
 
     layer: str = "last"
     pool: str = "none"
+    normalize: bool = False
     save_dtype: str = "float32"
     background: tuple[int, int, int] = (255, 255, 255)
     allow_truncated: bool = False
@@ -163,6 +169,10 @@ class EncodingOptions:
             object.__setattr__(self, "layer", str(int(self.layer)))  # "06" is block 6, recorded as "6"
         _flag(self.allow_truncated, "--allow-truncated")
         _choice(self.pool, POOLS, "--pool")
+        _flag(self.normalize, "--normalize")
+        if self.normalize and self.pool in ("none", "patch"):
+            raise UsageError(f"--normalize: normalises pooled vectors; use it with --pool cls, mean or head "
+                             f"(not --pool {self.pool})")
         _choice(self.save_dtype, SAVE_DTYPES, "--save-dtype")
         try:
             rgb = _numbers(self.background, "--background", int, "255,255,255")

@@ -38,7 +38,8 @@ MAX_INTERMEDIATE_RATIO = 16
 
 
 def resize(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """RGB PIL image -> (S, S, 3) uint8 array, S = ``cfg.image_size``.
+    """RGB PIL image -> (S, S, 3) uint8 array, S = ``cfg.image_size`` (float32 in [0, 1] with
+    ``cfg.backend == "torch"``: ``resize_float``).
 
     ``squash``: the whole image resized to R x R (R = ``cfg.resize_to``), aspect
     ratio not kept (transformers' ViTImageProcessor). ``shortest``: the shorter
@@ -63,13 +64,11 @@ def resize(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
         size = (target, int(target * height / width))
     else:
         size = (int(target * width / height), target)
+    if cfg.backend == "torch":
+        return resize_float(image, size, cfg)
     resample = _RESAMPLE[cfg.interpolation]
     if cfg.crop:
-        s = cfg.image_size
-        if cfg.crop_rounding == "round":  # torchvision CenterCrop: int(round((h - s) / 2.0))
-            top, left = int(round((size[1] - s) / 2.0)), int(round((size[0] - s) / 2.0))
-        else:  # transformers center_crop
-            top, left = (size[1] - s) // 2, (size[0] - s) // 2
+        s, (top, left) = cfg.image_size, crop_offsets(size, cfg)
         if image.size != size and size[0] * size[1] > MAX_INTERMEDIATE_RATIO * s * s:
             # The crop in source coordinates: resized pixel x covers source [x, x + 1) * width / size[0].
             box = (
@@ -84,6 +83,41 @@ def resize(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     if cfg.crop:
         image = image.crop((left, top, left + s, top + s))
     return np.array(image, dtype=np.uint8)  # a writable copy, safe to hand to torch
+
+
+def crop_offsets(size: tuple[int, int], cfg: PreprocessConfig) -> tuple[int, int]:
+    """(top, left) of the centre ``cfg.image_size`` crop of an image of ``size`` (width, height):
+    rounded down as transformers' ``center_crop``, or half to even as torchvision's ``CenterCrop``
+    (``int(round((h - s) / 2.0))``, which timm's transforms use) with ``crop_rounding="round"``."""
+    s = cfg.image_size
+    if cfg.crop_rounding == "round":
+        return int(round((size[1] - s) / 2.0)), int(round((size[0] - s) / 2.0))
+    return (size[1] - s) // 2, (size[0] - s) // 2
+
+
+def resize_float(image: Image.Image, size: tuple[int, int], cfg: PreprocessConfig) -> np.ndarray:
+    """RGB PIL image -> (S, S, 3) float32 array in [0, 1], rescaled before it is resized, as
+    ``DINOv3ViTImageProcessor`` (transformers' torchvision backend): ``uint8 * (1 / 255)`` in float32,
+    then ``F.interpolate(size=(h, w), antialias=True, align_corners=False)``, then the centre crop.
+
+    Raises:
+        MemoryError: the float image does not fit in memory (four bytes per value).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        x = torch.from_numpy(np.asarray(image, dtype=np.uint8)).permute(2, 0, 1)[None] * (1 / 255)  # (1, 3, H, W)
+        if (x.shape[3], x.shape[2]) != size:
+            x = F.interpolate(x, size=(size[1], size[0]), mode=cfg.interpolation, antialias=True, align_corners=False)
+    except RuntimeError as e:
+        if "alloc" in str(e):
+            raise MemoryError(str(e)) from None
+        raise
+    if cfg.crop:
+        s, (top, left) = cfg.image_size, crop_offsets(size, cfg)
+        x = x[:, :, top : top + s, left : left + s]
+    return x[0].permute(1, 2, 0).contiguous().numpy()  # (S, S, 3) float32
 
 
 # Radius of each Pillow filter, in output pixels (Pillow's Resample.c; NEAREST samples one pixel).
@@ -202,16 +236,20 @@ def normalize(pixels, stats, dtype=None):
     ``(p / 255 - mean) / std`` in float32. For the 256 uint8 levels, float32
     ``p / 255`` equals transformers' float64 rescale cast to float32, so the
     result equals ``normalize_table`` exactly, at a few passes over memory
-    (no gather).
+    (no gather). A float batch (``resize_float``'s, already in [0, 1]) is only
+    normalised, ``(p - mean) / std``, as torchvision's ``normalize``.
 
     Args:
-        pixels: uint8 torch tensor, channels last, on any device.
+        pixels: uint8 (or float32 in [0, 1]) torch tensor, channels last, on any device.
         stats: ``normalize_stats(cfg)`` on the same device.
         dtype: output dtype (default float32); the arithmetic itself is float32.
     """
     import torch
 
     mean, std = stats[:, None, :, None, None]  # (1, 3, 1, 1) each
+    if pixels.is_floating_point():  # already rescaled; out of place: the caller's batch stays as it is
+        x = (pixels.permute(0, 3, 1, 2).to(torch.float32) - mean).div_(std)
+        return x.contiguous().to(dtype) if dtype is not None else x.contiguous()
     x = pixels.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)  # (B, 3, S, S)
     x = x.div_(255).sub_(mean).div_(std)
     return x.to(dtype) if dtype is not None else x

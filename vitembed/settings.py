@@ -59,11 +59,13 @@ def encoder_metadata(encoder: Any) -> dict[str, str]:
         "background": ",".join(map(str, enc.background)),
         "allow_truncated": "true" if enc.allow_truncated else "false",
     }
+    if enc.normalize:
+        meta["normalize"] = "l2"
     if w.random:
         meta["seed"] = str(w.seed)
     if w.overrides:
         meta["preprocess_overrides"] = ",".join(w.overrides)
-    if w.trained_image_size:
+    if w.trained_image_size and not cfg.rope:
         side = w.trained_image_size // cfg.patch_size
         meta["pos_embed_resampled_from"] = f"{side}x{side}"
     return meta

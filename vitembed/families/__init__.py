@@ -4,7 +4,9 @@
     deit     DeiT (Touvron et al. 2020), with and without the distillation token
     dino     DINO (Caron et al. 2021): a plain ViT with its own weights and preprocessing
     dinov2   DINOv2 (Oquab et al. 2023), with and without registers (Darcet et al. 2023)
-    clip     CLIP's image tower (Radford et al. 2021)
+    clip     CLIP's image tower (Radford et al. 2021), and its projection into the joint space
+    dinov3   DINOv3 (Siméoni et al. 2025): registers, 2-D RoPE, SwiGLU for S+, H+ and 7B
+    siglip   SigLIP (Zhai et al. 2023) and the fixed-resolution SigLIP 2 (Tschannen et al. 2025)
 
 A new family is one new module here, built like these, and one line in ``FAMILIES``.
 Does not import torch at import time.
@@ -16,10 +18,10 @@ from typing import Any
 
 from ..config import ViTConfig
 from ..errors import CheckpointError, UsageError
-from . import clip, deit, dino, dinov2, vit
+from . import clip, deit, dino, dinov2, dinov3, siglip, vit
 from .base import POOLS, CheckpointLayout, Family, ModelSpec
 
-FAMILIES: tuple[Family, ...] = (vit.FAMILY, deit.FAMILY, dino.FAMILY, dinov2.FAMILY, clip.FAMILY)
+FAMILIES: tuple[Family, ...] = (vit.FAMILY, deit.FAMILY, dino.FAMILY, dinov2.FAMILY, dinov3.FAMILY, clip.FAMILY, siglip.FAMILY)
 
 __all__ = ["FAMILIES", "POOLS", "CheckpointLayout", "Family", "ModelSpec", "family_of", "config_from_transformers",
            "checkpoint_layouts", "checkpoint_prefixes"]
@@ -45,6 +47,7 @@ def checkpoint_layouts() -> dict[str, CheckpointLayout]:
                 have.telltale or layout.telltale,
                 have.renames + layout.renames,
                 have.unused + layout.unused,
+                have.fallback or layout.fallback,
             )
     return merged
 
@@ -55,7 +58,8 @@ def checkpoint_prefixes() -> tuple[str, ...]:
 
 
 # transformers' hidden_act names -> ours.
-_HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
+_HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
+           "silu": "silu", "swish": "silu"}
 
 
 def config_from_transformers(hf: Any, source: str = "config.json") -> ViTConfig:

@@ -8,8 +8,8 @@ A family owns everything that is particular to it, as data where it can be:
   (``config_fields``);
 - its checkpoints' key layouts: wrapper prefixes, tell-tale keys, rename tables and the keys
   it does not use (``CheckpointLayout``), which ``convert`` applies without knowing whose they are;
-- its token semantics: which tokens precede the patches, and what ``cls``, ``mean`` and
-  ``patch`` pooling take (``pool``).
+- its token semantics: which tokens precede the patches, and what ``cls``, ``mean``,
+  ``patch`` and ``head`` pooling take (``check_pool``, ``pool``, ``head_of``).
 
 The rest of vitembed asks the family (``families.family_of``) and never tests a family's name.
 Does not import torch at import time.
@@ -24,7 +24,7 @@ from typing import Any
 from ..config import PreprocessConfig, ViTConfig
 from ..errors import UsageError
 
-POOLS = ("none", "cls", "mean", "patch")
+POOLS = ("none", "cls", "mean", "patch", "head")
 
 
 @dataclass(frozen=True)
@@ -74,12 +74,15 @@ class CheckpointLayout:
         telltale: regex of a key that only this layout has ('' when another family gives it).
         renames: (regex, replacement) pairs to vitembed's (timm's) names; the first full match wins.
         unused: regexes of keys vitembed drops (heads, pooler, mask token).
+        fallback: its tell-tale key is checked after every other layout's (timm's names, which
+            other layouts, such as the original DINOv3's, share).
     """
 
     name: str
     telltale: str = ""
     renames: tuple[tuple[str, str], ...] = ()
     unused: tuple[str, ...] = ()
+    fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,12 @@ class Family:
             embedding is resampled).
         prefixes: wrapper prefixes of its checkpoints' keys (``vit.``, ``deit.``, ...).
         layouts: its checkpoint key layouts.
+        head: what ``--pool head`` gives, in words ('' when the family has no pooled embedding of
+            its own: ViT and DeiT, whose transformers pooler is a classifier's pre-logits layer).
+        reference_pooled: (pool mode, reference output) pairs: which pooled vector of ``last``
+            equals which output of the family's transformers model, for ``vitembed verify``:
+            ``pooler_output`` (the vision model's), ``image_features`` (``get_image_features``
+            of the whole model: CLIP's projection) or ``cls_of_last`` (``last_hidden_state[:, 0]``).
     """
 
     name: str
@@ -106,6 +115,8 @@ class Family:
     preprocess_at_config_size: bool = True
     prefixes: tuple[str, ...] = ()
     layouts: tuple[CheckpointLayout, ...] = ()
+    head: str = ""
+    reference_pooled: tuple[tuple[str, str], ...] = (("cls", "cls_of_last"),)
 
     def config_fields(self, hf: Mapping[str, Any], source: str) -> tuple[Mapping[str, Any], dict[str, Any]]:
         """This family's part of reading a transformers config.json.
@@ -118,12 +129,40 @@ class Family:
         """
         return hf, {"family": self.name}
 
+    def check_pool(self, cfg: ViTConfig, how: str, layer: str = "last") -> None:
+        """Refuse, before any image is read, a pooling this model cannot give.
+
+        Raises:
+            UsageError: an unknown ``how``; ``cls`` on a model without a class token; ``head``
+                on a family without a pooled embedding of its own (``head`` is empty), or of a
+                layer other than ``last``.
+        """
+        if how not in POOLS:
+            raise UsageError(f"--pool {how!r}: expected one of {', '.join(POOLS)}")
+        if how == "cls" and not cfg.class_token:
+            raise UsageError(
+                f"--pool cls: {self.name} has no class token; use --pool head ({self.head or 'its pooled embedding'}) "
+                "or --pool mean (the mean of the patch tokens)"
+            )
+        if how == "head" and not self.head:
+            raise UsageError(
+                f"--pool head: {self.name} has no pooled embedding of its own; use --pool cls (the class token) "
+                "or --pool mean (the mean of the patch tokens)"
+            )
+        if how == "head" and layer != "last":
+            raise UsageError(f"--pool head pools the last layer ({self.head}); it cannot pool --layer {layer}")
+
+    def pooled_dim(self, cfg: ViTConfig, how: str) -> int:
+        """Width of a pooled vector (``cls``, ``mean``, ``head``): the token width D."""
+        return cfg.hidden_size
+
     def pool(self, model: Any, tokens: Any, how: str, layer: str = "last") -> Any:
         """Reduce token encodings (B, T, D) of ``layer``; T = prefix tokens + patches.
 
         ``none``: unchanged. ``cls``: the class token, (B, D). ``mean``: the mean of the
         patch tokens, (B, D) (timm's ``global_pool='avg'``, prefix tokens excluded).
-        ``patch``: the patch tokens only, (B, grid * grid, D).
+        ``patch``: the patch tokens only, (B, grid * grid, D). ``head``: the family's own
+        pooled embedding of ``last`` (``head_of``). ``check_pool`` says which are allowed.
 
         Raises:
             UsageError: an unknown ``how``.
@@ -137,5 +176,14 @@ class Family:
             return tokens[:, prefix:].mean(dim=1)
         if how == "patch":
             return tokens[:, prefix:]
+        if how == "head":
+            return self.head_of(model, tokens)
         raise UsageError(f"pool {how!r}: expected one of {', '.join(POOLS)}")
 
+    def head_of(self, model: Any, tokens: Any) -> Any:
+        """The family's own pooled embedding (B, P) of the ``last`` tokens (B, T, D).
+
+        Raises:
+            UsageError: the family has none (``check_pool`` refuses it first).
+        """
+        raise UsageError(f"--pool head: {self.name} has no pooled embedding of its own")

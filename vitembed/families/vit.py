@@ -75,6 +75,7 @@ TIMM = CheckpointLayout(
     "timm",
     telltale=r"blocks\.\d+\.attn\.qkv\.weight",
     unused=(r"head\..*", r"head_dist\..*", r"head_drop\..*", r"mask_token"),
+    fallback=True,
 )
 
 FAMILY = Family(
