@@ -70,14 +70,18 @@ def _deit(path):
     return path
 
 
-def _clip(path, whole: bool = False):
-    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+def _clip(path, whole: bool = False, projection: bool = False):
+    """A small random CLIP checkpoint: CLIPVisionModel, CLIPVisionModelWithProjection, or a whole CLIPModel."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)
     vision = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96, image_size=32, patch_size=8)
     if whole:
-        model = CLIPModel(CLIPConfig(vision_config=vision, text_config=dict(hidden_size=32, num_hidden_layers=1,
-                                                                           num_attention_heads=2, intermediate_size=64)))
+        model = CLIPModel(CLIPConfig(vision_config=vision, projection_dim=40,
+                                     text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                      intermediate_size=64)))
+    elif projection:
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(projection_dim=40, **vision))
     else:
         model = CLIPVisionModel(CLIPVisionConfig(**vision))
     with torch.no_grad():
@@ -87,11 +91,12 @@ def _clip(path, whole: bool = False):
     return path
 
 
-def _dinov2(path, registers: int = 0):
+def _dinov2(path, registers: int = 0, swiglu: bool = False):
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     torch.manual_seed(0)
-    kw = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=56, patch_size=8)
+    kw = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=4 if swiglu else 2, image_size=56,
+              patch_size=8, use_swiglu_ffn=swiglu)
     model = (
         Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **kw))
         if registers

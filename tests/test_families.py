@@ -61,3 +61,32 @@ def test_pool_shapes_for_every_family(tmp_path, family, small_ckpt):
     shapes = {pool: tuple(Encoder(weights=weights, pool=pool, device="cpu")(pixels).shape) for pool in ("none", "cls", "mean", "patch")}
     assert shapes == {"none": (2, prefix + 16, 48), "cls": (2, 48), "mean": (2, 48), "patch": (2, 16, 48)}
     assert Encoder(weights=weights, pool="patch", device="cpu").output_shape == (16, 48)
+
+
+def test_models_lists_every_family_with_tokens_prefix_tokens_head_and_preprocessing():
+    import json
+
+    from vitembed.catalog import CATALOG
+
+    from .conftest import run_cli
+
+    done = run_cli("models", "--json")
+    assert done.returncode == 0
+    rows = {row["name"]: row for row in map(json.loads, done.stdout.decode().splitlines())}
+    assert set(rows) == set(CATALOG) and {r["family"] for r in rows.values()} == {
+        "vit", "deit", "dino", "dinov2", "dinov3", "clip", "siglip"}
+    expected = {  # name: (tokens, prefix tokens, head width, resize backend, interpolation)
+        "siglip-base-patch16-224": (196, 0, 768, "pil", "bicubic"),
+        "siglip-so400m-patch14-384": (729, 0, 1152, "pil", "bicubic"),
+        "siglip2-giant-opt-patch16-256": (256, 0, 1536, "pil", "bicubic"),
+        "dinov3-vitl16": (201, 5, 1024, "torch", "bilinear"),
+        "dinov2-with-registers-giant": (261, 5, 1536, "pil", "bicubic"),
+        "clip-vit-large-patch14": (257, 1, 768, "pil", "bicubic"),
+        "vit-base-patch16-224": (197, 1, None, "pil", "bilinear"),
+    }
+    for name, want in expected.items():
+        row = rows[name]
+        assert (row["tokens"], row["prefix_tokens"], row["head_size"], row["resize_backend"], row["interpolation"]) == want
+    text = run_cli("models").stdout.decode().splitlines()
+    line = next(line for line in text if line.startswith("siglip-so400m-patch14-384 "))
+    assert "729x1152" in line and "prefix=0" in line and "head=1152" in line and "squash 384 bicubic" in line

@@ -51,7 +51,8 @@ Model = Annotated[str, _opt(f"Model name ({', '.join(CATALOG)}).", default_shown
 Weights = Annotated[Optional[str], _opt("Checkpoint directory (config.json + model.safetensors or pytorch_model.bin), a .safetensors/.bin file (architecture from --model), or 'random'.")]
 Seed = Annotated[int, _opt("Seed for --weights random (0 .. 2**63-1).", default_shown=True)]
 Layer = Annotated[str, _opt("last | embeddings | N (output of block N, 1..depth).", default_shown=True)]
-PoolOpt = Annotated[Pool, _opt("none: all tokens; cls: class token; mean: mean of patch tokens; patch: patch tokens.", default_shown=True)]
+PoolOpt = Annotated[Pool, _opt("none: all tokens; cls: class token; mean: mean of patch tokens; patch: patch tokens; head: the family's own image embedding (SigLIP's attention-pooling head, CLIP's projection; `vitembed models`).", default_shown=True)]
+Normalize = Annotated[bool, _opt("L2-normalise pooled vectors (--pool cls, mean or head) to unit length.", "--normalize")]
 ImageSize = Annotated[Optional[int], _opt("Input size in pixels; the position embedding is resampled [default: the model's preprocessing size].")]
 Resize = Annotated[Optional[str], _opt("Override the model's resize: squash | shortest.")]
 Interpolation = Annotated[Optional[str], _opt("Override the resampling filter: bilinear, bicubic, ...")]
@@ -95,7 +96,7 @@ def _root(
 @app.command()
 def encode(
     inputs: Inputs, out_dir: Out, model: Model = DEFAULT_MODEL, weights: Weights = None, seed: Seed = 0,
-    layer: Layer = "last", pool: PoolOpt = Pool.none, image_size: ImageSize = None, resize: Resize = None,
+    layer: Layer = "last", pool: PoolOpt = Pool.none, normalize: Normalize = False, image_size: ImageSize = None, resize: Resize = None,
     interpolation: Interpolation = None, crop_pct: CropPct = None, mean: Mean = None, std: Std = None,
     fmt: FormatOpt = Format.safetensors, batch_size: BatchSize = 32, device: Device = "auto", dtype: DTypeOpt = DType.auto,
     save_dtype: SaveDTypeOpt = SaveDType.float32, compile: Compile = False, pack: Pack = None, workers: Workers = None,
@@ -114,7 +115,7 @@ def encode(
         options = ModelOptions(model=model, weights=weights, seed=seed, image_size=image_size, resize=resize,
                                interpolation=interpolation, crop_pct=crop_pct, mean=mean, std=std, device=device,
                                dtype=dtype.value, compile=compile)
-        encoding = EncodingOptions(layer=layer, pool=pool.value, save_dtype=save_dtype.value, background=background,
+        encoding = EncodingOptions(layer=layer, pool=pool.value, normalize=normalize, save_dtype=save_dtype.value, background=background,
                                    allow_truncated=allow_truncated, max_pixels=max_pixels)
         run = RunOptions(format=fmt.value, pack=pack, batch_size=batch_size, workers=workers, overwrite=overwrite,
                          fail_fast=fail_fast, shard=shard)

@@ -25,6 +25,10 @@ WIDTHS: dict[str, tuple[int, int, int, int]] = {
     "g": (1408, 40, 16, 6144),
     "So400m": (1152, 27, 16, 4304),  # shape-optimised (Alabdulmohsin et al. 2023): SigLIP so400m
     "g-opt": (1536, 40, 16, 6144),  # SigLIP 2's giant-opt
+    # DINOv3's own, as the facebook/dinov3-* configs give them: SwiGLU MLPs, mlp_dim their hidden width.
+    "S+": (384, 12, 6, 1536),
+    "H+": (1280, 32, 20, 5120),
+    "7B": (4096, 40, 32, 8192),
 }
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
@@ -181,7 +185,7 @@ class ViTConfig:
         Raises:
             UsageError: the name is not ``<Ti|S|B|L|H>/<patch>``.
         """
-        m = re.fullmatch(r"([A-Za-z0-9-]+)/(\d+)", variant)
+        m = re.fullmatch(r"([A-Za-z0-9+-]+)/(\d+)", variant)
         if not m or m.group(1) not in WIDTHS:
             raise UsageError(f"unknown ViT variant {variant!r}; expected e.g. 'B/16' ({', '.join(WIDTHS)} / patch)")
         hidden, depth, heads, mlp = WIDTHS[m.group(1)]

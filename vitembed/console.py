@@ -218,19 +218,29 @@ def print_inspect(info: dict) -> None:
 
 def model_row(spec: Any) -> dict:
     """One catalog entry as ``vitembed models --json`` prints it."""
+    from .families import FAMILIES
+
     cfg, pre = spec.config(), spec.preprocess
+    family = next(f for f in FAMILIES if f.name == spec.family)
     return {
         "name": spec.name, "family": spec.family, "repo": spec.repo, "variant": spec.variant,
         "tokens": cfg.num_tokens, "hidden_size": cfg.hidden_size, "image_size": pre.image_size,
         "prefix_tokens": cfg.num_prefix_tokens, "resize": pre.resize, "resize_size": pre.resize_to,
-        "crop": pre.crop, "interpolation": pre.interpolation, "mean": list(pre.mean), "std": list(pre.std),
+        "crop": pre.crop, "interpolation": pre.interpolation, "resize_backend": pre.backend,
+        "mean": list(pre.mean), "std": list(pre.std),
+        "head": family.head or None, "head_size": family.pooled_dim(cfg, "head") if family.head else None,
         "description": spec.description,
     }
 
 
 def model_line(spec: Any) -> str:
-    """One catalog entry as ``vitembed models`` prints it."""
-    cfg, pre = spec.config(), spec.preprocess
-    return (f"{spec.name:<34} {spec.family:<6} {spec.variant:<5} {f'{cfg.num_tokens}x{cfg.hidden_size}':<8} "
-            f"{pre.resize} {pre.resize_to}{f' crop {pre.image_size}' if pre.crop else ''} {pre.interpolation} "
+    """One catalog entry as ``vitembed models`` prints it: name, family, variant, tokens x width,
+    prefix tokens, the ``--pool head`` width (``-`` for none), preprocessing, repository."""
+    row = model_row(spec)
+    pre = spec.preprocess
+    resize = (f"{pre.resize} {pre.resize_to}{f' crop {pre.image_size}' if pre.crop else ''} {pre.interpolation}"
+              f"{' (float)' if pre.backend == 'torch' else ''}")
+    shape, head = f"{row['tokens']}x{row['hidden_size']}", row["head_size"] or "-"
+    return (f"{spec.name:<34} {spec.family:<6} {spec.variant:<8} {shape:<9} "
+            f"prefix={row['prefix_tokens']:<2} head={head:<5} {resize} "
             f"mean={list(pre.mean)} std={list(pre.std)}  {spec.repo}")

@@ -107,7 +107,7 @@ def resize_float(image: Image.Image, size: tuple[int, int], cfg: PreprocessConfi
     import torch.nn.functional as F
 
     try:
-        x = torch.from_numpy(np.asarray(image, dtype=np.uint8)).permute(2, 0, 1)[None] * (1 / 255)  # (1, 3, H, W)
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None] * (1 / 255)  # (1, 3, H, W)
         if (x.shape[3], x.shape[2]) != size:
             x = F.interpolate(x, size=(size[1], size[0]), mode=cfg.interpolation, antialias=True, align_corners=False)
     except RuntimeError as e:

@@ -59,6 +59,8 @@ def encoder_metadata(encoder: Any) -> dict[str, str]:
         "background": ",".join(map(str, enc.background)),
         "allow_truncated": "true" if enc.allow_truncated else "false",
     }
+    if pre.backend != "pil":  # rescaled to float before the resize (DINOv3)
+        meta["resize_backend"] = pre.backend
     if enc.normalize:
         meta["normalize"] = "l2"
     if w.random:

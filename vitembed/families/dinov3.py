@@ -98,18 +98,17 @@ def _models() -> tuple[ModelSpec, ...]:
     # (name, variant, ViTConfig overrides); facebook/dinov3-<name>-pretrain-lvd1689m.
     table = (
         ("vits16", "S/16", ()),
-        ("vits16plus", "S/16", (("mlp_dim", 1536),) + SWIGLU),
+        ("vits16plus", "S+/16", SWIGLU),
         ("vitb16", "B/16", ()),
         ("vitl16", "L/16", ()),
-        ("vith16plus", "H/16", (("num_heads", 20), ("mlp_dim", 5120)) + SWIGLU),
-        ("vit7b16", "H/16", (("hidden_size", 4096), ("depth", 40), ("num_heads", 32), ("mlp_dim", 8192),
-                             ("qkv_bias", False)) + SWIGLU),
+        ("vith16plus", "H+/16", SWIGLU),
+        ("vit7b16", "7B/16", (("qkv_bias", False),) + SWIGLU),
     )
     return tuple(
         ModelSpec(f"dinov3-{name}", f"facebook/dinov3-{name}-pretrain-lvd1689m", variant, layer_norm_eps=1e-5,
                   preprocess=PREPROCESS, family="dinov3", arch=ARCH + extra,
-                  description=f"DINOv3 ViT-{name[3:].replace('16', '/16').replace('plus', '+').upper()} "
-                              "(Siméoni et al. 2025), 4 registers, RoPE")
+                  description=f"DINOv3 ViT-{variant} (Siméoni et al. 2025), 4 registers, RoPE"
+                              f"{', SwiGLU' if extra else ''}")
         for name, variant, extra in table
     )
 
