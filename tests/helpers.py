@@ -142,3 +142,25 @@ def _dinov3(path, gated: bool = False, registers: int = 4, image_size: int = 32)
             p.add_(torch.randn_like(p) * 0.05)
     model.eval().save_pretrained(path)
     return path
+
+
+def _siglip2_naflex(path, whole: bool = False, num_patches: int = 16, patch_size: int = 4):
+    """A small random SigLIP 2 NaFlex checkpoint (Siglip2VisionModel or Siglip2Model) with its
+    Siglip2ImageProcessor config, saved with save_pretrained."""
+    from transformers import Siglip2Config, Siglip2Model, Siglip2VisionConfig, Siglip2VisionModel
+    from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
+                  num_patches=num_patches, patch_size=patch_size)
+    if whole:
+        text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+        model = Siglip2Model(Siglip2Config(vision_config=vision, text_config=text))
+    else:
+        model = Siglip2VisionModel(Siglip2VisionConfig(**vision))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.eval().save_pretrained(path)
+    Siglip2ImageProcessorPil(patch_size=patch_size, max_num_patches=num_patches).save_pretrained(path)
+    return path

@@ -82,6 +82,10 @@ class ViTConfig:
             for the input's grid, instead of a learned ``pos_embed`` (DINOv3, Siméoni et al.
             2025; transformers' ``DINOv3ViTRopePositionEmbedding``).
         rope_theta: the base period of those rotations (100 for DINOv3).
+        naflex: SigLIP 2 NaFlex (Tschannen et al. 2025): the input is each image's patch sequence
+            at its own grid (``preprocess.PatchBatch``), embedded by a linear layer; the learned
+            position grid (``image_size / patch_size`` per side) is resized to each image's grid,
+            and the padding is masked out of attention and the pooling head.
         proj_dim: width of a bias-free linear projection (``head``) of the pooled vector into a
             joint image-text space (CLIP's ``visual_projection``); 0: none.
         family: the family module whose reference this follows (``families.family_of``).
@@ -110,6 +114,7 @@ class ViTConfig:
     proj_dim: int = 0
     rope: bool = False
     rope_theta: float = 100.0
+    naflex: bool = False
     family: str = "vit"
 
     def __post_init__(self) -> None:
@@ -141,6 +146,8 @@ class ViTConfig:
             raise UsageError(f"rope_theta must be a number from 1 to 1e9 (got {self.rope_theta!r})")
         if self.rope and (self.hidden_size // self.num_heads) % 4:
             raise UsageError(f"rope needs a head width divisible by 4 (got {self.hidden_size // self.num_heads})")
+        if self.naflex and (self.class_token or self.dist_token or self.reg_tokens or self.rope or self.pre_norm):
+            raise UsageError("naflex models have patch tokens only, with a learned position grid")
         if self.mlp not in MLPS:
             raise UsageError(f"mlp must be one of {', '.join(MLPS)} (got {self.mlp!r})")
         if self.pool_head not in POOL_HEADS:
@@ -225,7 +232,7 @@ def layer_index(layer: str, depth: int) -> int:
 
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
-RESIZE_MODES = ("squash", "shortest")
+RESIZE_MODES = ("squash", "shortest", "naflex")
 BACKENDS = ("pil", "torch")
 TORCH_INTERPOLATIONS = ("bilinear", "bicubic")  # what F.interpolate antialiases
 # Image processors that rescale to [0, 1] before resizing, on float tensors (their ``_preprocess``).
@@ -254,7 +261,10 @@ class PreprocessConfig:
         resize: ``squash`` resizes the whole image to resize_size x resize_size,
             ignoring its aspect ratio; ``shortest`` resizes its shorter side to
             resize_size, the longer side to ``int(resize_size * long / short)``
-            (transformers' ``shortest_edge``).
+            (transformers' ``shortest_edge``); ``naflex`` keeps the aspect ratio and
+            resizes to the largest multiples of ``patch_size`` that give at most
+            ``max_num_patches`` patches (SigLIP 2 NaFlex, ``preprocess.naflex_size``): each
+            image gets its own grid, and ``image_size`` is only the nominal square side.
         resize_size: target of the resize in pixels (None: ``image_size``);
             image_size and the resize target are at most ``MAX_RESIZE`` (8192).
         crop: centre-crop the resized image to image_size x image_size.
@@ -267,6 +277,8 @@ class PreprocessConfig:
             torchvision's ``CenterCrop``, which timm's transforms use.
         interpolation: Pillow resampling filter name (``bilinear``, ``bicubic``, ...).
         mean, std: per-channel (R, G, B) normalisation of values rescaled to [0, 1].
+        patch_size, max_num_patches: the patch side and the patch budget of ``naflex``
+            (transformers' ``Siglip2ImageProcessor``; unused by the other modes).
         backend: ``pil``: resize the uint8 image in Pillow, then rescale (transformers' PIL
             processors, timm); ``torch``: rescale to float32 [0, 1] first, then resize with
             ``torch.nn.functional.interpolate(antialias=True)`` (bilinear or bicubic), as
@@ -283,6 +295,8 @@ class PreprocessConfig:
     crop_rounding: str = "floor"
     crop_pct: float | None = None
     backend: str = "pil"
+    patch_size: int = 16
+    max_num_patches: int = 256
 
     @property
     def resize_to(self) -> int:
@@ -366,7 +380,15 @@ class PreprocessConfig:
             raise UsageError(
                 f"unknown interpolation {self.interpolation!r}; expected one of {', '.join(INTERPOLATIONS)}"
             )
-        if self.resize_to < self.image_size or (not self.crop and (self.resize != "squash" or self.resize_to != self.image_size)):
+        for name in ("patch_size", "max_num_patches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RESIZE:
+                raise UsageError(f"{name} must be an integer from 1 to {MAX_RESIZE} (got {value!r})")
+        if self.resize == "naflex" and (self.crop or self.backend != "pil"):
+            raise UsageError("resize naflex keeps the whole image: no crop, and Pillow's resize")
+        if self.resize == "naflex":
+            pass
+        elif self.resize_to < self.image_size or (not self.crop and (self.resize != "squash" or self.resize_to != self.image_size)):
             raise UsageError(
                 f"resize {self.resize} to {self.resize_to} then {'crop' if self.crop else 'no crop'} "
                 f"cannot give a {self.image_size}x{self.image_size} input"
@@ -411,6 +433,17 @@ class PreprocessConfig:
         if not isinstance(hf, dict):
             raise CheckpointError(f"{source}: expected a JSON object, got {type(hf).__name__}")
         try:
+            if "max_num_patches" in hf:  # Siglip2ImageProcessor (NaFlex): a patch budget, not a size
+                patch, budget = hf.get("patch_size", 16), hf["max_num_patches"]
+                resample = hf.get("resample", 2)
+                if resample not in codes:
+                    raise CheckpointError(f"{source}: unknown resample {resample!r}")
+                if not hf.get("do_resize", True) or not hf.get("do_rescale", True) or not hf.get("do_normalize", True):
+                    raise CheckpointError(f"{source}: do_resize, do_rescale and do_normalize must be true")
+                side = patch * math.isqrt(budget) if isinstance(patch, int) and isinstance(budget, int) else 0
+                return cls(image_size=side, resize="naflex", interpolation=codes[resample], patch_size=patch,
+                           max_num_patches=budget, mean=tuple(hf.get("image_mean", (0.5,) * 3)),  # type: ignore[arg-type]
+                           std=tuple(hf.get("image_std", (0.5,) * 3)))  # type: ignore[arg-type]
             size = hf.get("size", {"height": 224, "width": 224})
             if isinstance(size, int):
                 size = {"height": size, "width": size}

@@ -244,3 +244,41 @@ def model_line(spec: Any) -> str:
     return (f"{spec.name:<34} {spec.family:<6} {spec.variant:<8} {shape:<9} "
             f"prefix={row['prefix_tokens']:<2} head={head:<5} {resize} "
             f"mean={list(pre.mean)} std={list(pre.std)}  {spec.repo}")
+
+
+def print_verify(report: Any, as_json: bool) -> None:
+    """``vitembed verify``: the comparison on stdout (a table, or with ``as_json`` one JSON object
+    per compared item and a final ``{"summary": ...}``); what was skipped and the verdict on stderr."""
+    if as_json:
+        for line in report.json_lines():
+            out(line + "\n")
+    else:
+        from rich.table import Table
+
+        def number(value: Any, fmt: str) -> str:
+            return "-" if value is None else format(value, fmt)
+
+        table = Table(title=f"vitembed {report.model} vs {report.reference}", title_justify="left")
+        for name, justify in (("item", "left"), ("name", "left"), ("reference", "left"), ("max-abs", "right"),
+                              ("mean cos", "right"), ("min cos", "right"), ("ok", "left")):
+            table.add_column(name, justify=justify)
+        for row in report.rows:
+            verdict = ("ok" if row.ok else "FAIL") + (" (equal)" if row.item == "pixels" and row.equal else "")
+            table.add_row(row.item, row.name, row.reference, number(row.max_abs, ".3g"), number(row.cosine_mean, ".7f"),
+                          number(row.cosine_min, ".7f"), verdict + (f": {row.note}" if row.note else ""))
+        console = Console(highlight=False)
+        console.width = max(console.width, 120)  # not a terminal: 80 columns would cut the names
+        console.print(table)
+    for skip in report.skipped:
+        say(f"skipped: {skip.item} {skip.name}: {skip.reason}")
+    images = f"{report.images} image{'s' if report.images != 1 else ''}"
+    if report.ok:
+        say(f"verify: ok: {len(report.rows)} items within {report.tolerance:g} on {images}"
+            + (", inputs bit-identical" if any(r.item == "pixels" for r in report.rows) else ""))
+        return
+    failed = []
+    for row in report.failed:
+        what = ("inputs differ" if row.item == "pixels" else f"{row.item} {row.name}") + (
+            f" (max-abs {row.max_abs:.3g})" if row.max_abs is not None else f" ({row.note})")
+        failed.append(what)
+    say(f"verify: FAILED on {images} (tolerance {report.tolerance:g}): {'; '.join(failed)}")

@@ -22,7 +22,7 @@ from .config import layer_index
 from .errors import InputError, UsageError, VitembedWarning
 from .families import family_of
 from .options import EncodingOptions, ModelOptions, split_fields
-from .preprocess import load_pixels, normalize, normalize_stats, resize
+from .preprocess import PatchBatch, collate_patches, load_pixels, normalize, normalize_patches, normalize_stats, resize
 from .runtime import TORCH_DTYPES, pack_for_cpu, resolve_device, resolve_dtype, usable_cores
 from .weights import ResolvedWeights, build_model, resolve_weights
 
@@ -87,7 +87,11 @@ class Encoder:
         self.model_name = spec.name if same else f"checkpoint:{cfg.family}"  # not its path: resume must not depend on it
         self.model = build_model(self.weights).to(device=self.device, dtype=self.dtype).eval()
         self.packed, self._compiled, self._compiled_rows = False, None, 0
-        if opts.compile:
+        self.naflex = cfg.naflex
+        if opts.compile and self.naflex:
+            warnings.warn("--compile: NaFlex batches change shape with every batch; running eager",
+                          VitembedWarning, stacklevel=2)
+        elif opts.compile:
             # On the CPU, Inductor's freezing packs the weights for oneDNN, as pack_for_cpu does for eager.
             self._compiled = torch.compile(self.model, options={"freezing": True} if self.device.type == "cpu" else None)
         else:
@@ -125,10 +129,25 @@ class Encoder:
         return self._compiled is not None
 
     @property
+    def ragged(self) -> bool:
+        """Whether each image's embedding has its own shape (NaFlex token outputs)."""
+        return self.naflex and self.pool in ("none", "patch")
+
+    def collate(self, images: list[np.ndarray]) -> np.ndarray | PatchBatch:
+        """Decoded images -> one model batch: (B, S, S, 3) stacked, or for NaFlex a ``PatchBatch``
+        padded to ``max_num_patches``."""
+        if self.naflex:
+            pre = self.weights.preprocess
+            return collate_patches(images, pre.patch_size, pre.max_num_patches)
+        return np.stack(images)
+
+    @property
     def output_shape(self) -> tuple[int, ...]:
         """Shape of one image's embedding: (197, 768) for ViT-B/16 at 224 without pooling,
         (768,) for ``cls`` and ``mean``, (196, 768) for ``patch``, (512,) for CLIP B's ``head``."""
         cfg = self.weights.config
+        if self.ragged:  # (T_i, D): at most max_num_patches tokens, each image its own
+            return (self.weights.preprocess.max_num_patches, cfg.hidden_size)
         return {
             "none": (cfg.num_tokens, cfg.hidden_size),
             "patch": (cfg.num_patches, cfg.hidden_size),
@@ -175,7 +194,11 @@ class Encoder:
         Raises:
             InputError: as ``pixels``.
         """
-        batch = torch.from_numpy(self.pixels(image)[None]).to(self.device)
+        pixels = self.pixels(image)
+        if self.naflex:  # (h * w, P * P * 3): its patches, unpadded
+            x, grids = normalize_patches(self.collate([pixels]), self.stats, torch.float32)
+            return x[0, : int(grids[0].prod())].cpu()
+        batch = torch.from_numpy(pixels[None]).to(self.device)
         return normalize(batch, self.stats, torch.float32)[0].cpu()
 
     def encode(self, images: Any, batch_size: int = 32, errors: str = "raise", workers: int | None = None):
@@ -219,7 +242,7 @@ class Encoder:
         threads_before = torch.get_num_threads()
         torch.set_num_threads(torch_threads)
         decoded = decode_stage(items, load, workers or usable_cores(), 2 * batch_size, name=lambda i: f"image {i[0]}")
-        batches = model_stage(batch_stage(decoded, batch_size), self, model_threads)
+        batches = model_stage(batch_stage(decoded, batch_size), self, model_threads, self.collate)
         try:
             for chunk, embeddings in batches:
                 for (index, _), item in chunk:
@@ -233,8 +256,13 @@ class Encoder:
             batches.close()
             decoded.close()
             torch.set_num_threads(threads_before)
-        empty = torch.zeros((0, *self.output_shape), dtype=self.save_dtype)
-        result = torch.cat(out) if out else empty
+        if self.naflex:  # lists of per-image rows: pooled ones stack, token outputs stay a list
+            rows = [row for part in out for row in part]
+            result = rows if self.ragged else (torch.stack(rows) if rows else
+                                               torch.zeros((0, *self.output_shape), dtype=self.save_dtype))
+        else:
+            empty = torch.zeros((0, *self.output_shape), dtype=self.save_dtype)
+            result = torch.cat(out) if out else empty
         return (result, failures) if errors == "skip" else result
 
     def thread_layout(self) -> tuple[int, int]:
@@ -244,8 +272,18 @@ class Encoder:
         return model_layout(self.device, self.compiled)
 
     @torch.inference_mode()
-    def __call__(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """(B, S, S, 3) uint8 RGB -> (B, T, D) CPU tensor in ``save_dtype`` ((B, D) when pooled)."""
+    def __call__(self, pixels: np.ndarray | torch.Tensor | PatchBatch) -> torch.Tensor | "RaggedRows":
+        """(B, S, S, 3) uint8 RGB -> (B, T, D) CPU tensor in ``save_dtype`` ((B, D) when pooled).
+        A NaFlex ``PatchBatch`` -> ``RaggedRows``: each image's (T_i, D) tokens or (D,) vector."""
+        if isinstance(pixels, PatchBatch):
+            x, grids = normalize_patches(pixels, self.stats, self.dtype)  # (B, N, P * P * 3), (B, 2)
+            tokens = self.model(x, layers=(self.layer,), grids=grids)[self.layer]  # (B, N, D)
+            from .model import token_mask
+
+            out = self.family.pool(self.model, tokens, self.pool, self.layer, mask=token_mask(grids, x.shape[1]))
+            if self.encoding.normalize:
+                out = torch.nn.functional.normalize(out.float(), dim=-1)
+            return RaggedRows([row.to(self.save_dtype).cpu() for row in out], [tuple(g) for g in pixels.grids.tolist()])
         batch = torch.as_tensor(pixels)
         if self.device.type == "cuda":  # pinned (page-locked) memory lets the copy run asynchronously
             batch = batch.pin_memory()
@@ -281,6 +319,19 @@ class Encoder:
                 self._compiled = None
                 self.packed = pack_for_cpu(self.model)
         return self.model(x, layers=(self.layer,))[self.layer][:rows]
+
+
+class RaggedRows(list):
+    """The embeddings of a NaFlex batch, one CPU tensor per image ((T_i, D) tokens, or (D,) pooled),
+    with ``grids``: each image's patch grid (h, w), which its output's metadata records."""
+
+    def __init__(self, rows: Iterable[torch.Tensor], grids: Iterable[tuple[int, int]]):
+        super().__init__(rows)
+        self.grids = list(grids)
+
+    @classmethod
+    def join(cls, parts: list["RaggedRows"]) -> "RaggedRows":
+        return cls([row for part in parts for row in part], [grid for part in parts for grid in part.grids])
 
 
 def load_encoder(model: str = DEFAULT_MODEL, weights: Any = None, preprocess: dict | None = None, **options: Any) -> Encoder:

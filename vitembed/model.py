@@ -40,17 +40,40 @@ class _QuickGELU(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Image (B, C, H, W) -> patch tokens (B, H/P * W/P, D) by a stride-P convolution."""
+    """Image (B, C, H, W) -> patch tokens (B, H/P * W/P, D) by a stride-P convolution; with
+    ``cfg.naflex``, patch sequences (B, N, P * P * C) -> (B, N, D) by a linear layer (SigLIP 2)."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.proj = nn.Conv2d(
-            cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias
-        )
+        P, C, D = cfg.patch_size, cfg.num_channels, cfg.hidden_size
+        self.proj = nn.Linear(P * P * C, D) if cfg.naflex else nn.Conv2d(C, D, P, stride=P, bias=cfg.patch_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.proj, nn.Linear):
+            return self.proj(x)  # (B, N, D)
         x = self.proj(x)  # (B, D, H/P, W/P)
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+def grid_pos_embed(pos_embed: torch.Tensor, grids: torch.Tensor, length: int) -> torch.Tensor:
+    """SigLIP 2 NaFlex: the learned square grid of position embeddings (1, G * G, D) resized to each
+    image's grid (h, w) (bilinear with antialiasing, in float32, as ``Siglip2VisionEmbeddings``) and
+    padded with zeros to ``length`` rows: (B, length, D) in ``pos_embed``'s dtype."""
+    G, D = math.isqrt(pos_embed.shape[1]), pos_embed.shape[2]
+    square = pos_embed[0].float().reshape(G, G, D).permute(2, 0, 1)[None]  # (1, D, G, G)
+    out = pos_embed.new_zeros((len(grids), length, D))
+    resized: dict[tuple[int, int], torch.Tensor] = {}
+    for i, (h, w) in enumerate(grids.tolist()):
+        if (h, w) not in resized:
+            image = F.interpolate(square, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+            resized[h, w] = image[0].permute(1, 2, 0).reshape(h * w, D).to(pos_embed.dtype)
+        out[i, : h * w] = resized[h, w]
+    return out
+
+
+def token_mask(grids: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, length) bool: True for each image's h * w real patches, False for the padding after them."""
+    return torch.arange(length, device=grids.device)[None, :] < grids.prod(dim=1, keepdim=True)
 
 
 def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,13 +110,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, D/heads)
         if rope is not None:
             q, k = _rotate(q, *rope), _rotate(k, *rope)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, D/heads)
+        keys = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, T): padding is never attended to
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)  # (B, heads, T, D/heads)
         x = x.transpose(1, 2).reshape(B, T, D)
         return self.proj(x)
 
@@ -133,11 +158,12 @@ class AttentionPool(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = x.shape
         q = self.q(self.latent.expand(B, -1, -1)).reshape(B, 1, self.num_heads, D // self.num_heads).transpose(1, 2)
         k, v = self.kv(x).reshape(B, T, 2, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, 1, D/heads)
+        keys = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, T)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)  # (B, heads, 1, D/heads)
         x = self.proj(x.transpose(1, 2).reshape(B, 1, D))  # (B, 1, D)
         x = x + self.mlp(self.norm(x))
         return x[:, 0]  # (B, D)
@@ -167,8 +193,9 @@ class Block(nn.Module):
         self.mlp = Mlp(cfg)
         self.ls2 = LayerScale(cfg) if cfg.layer_scale else nn.Identity()
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x), rope))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x), rope, mask))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
@@ -243,8 +270,14 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(self.attn_pool.latent, std=std, generator=g)
         return self
 
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> token encodings (B, T, D): patches, class (and distillation) token, position embedding (Eq. 1)."""
+    def embed(self, pixel_values: torch.Tensor, grids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, S, S) -> token encodings (B, T, D): patches, class (and distillation) token, position
+        embedding (Eq. 1). NaFlex: patch sequences (B, N, P * P * 3) of ``grids`` (B, 2) -> (B, N, D)."""
+        if self.cfg.naflex:
+            if grids is None:
+                raise UsageError("a NaFlex model takes patch sequences with their grids")
+            x = self.patch_embed(pixel_values)  # (B, N, D)
+            return x + grid_pos_embed(self.pos_embed, grids, x.shape[1])
         B, _, H, W = pixel_values.shape
         S = self.cfg.image_size
         if (H, W) != (S, S):
@@ -259,12 +292,17 @@ class VisionTransformer(nn.Module):
             x = torch.cat([x[:, :c], self.reg_token.expand(B, -1, -1), x[:, c:]], dim=1)
         return x if self.norm_pre is None else self.norm_pre(x)
 
-    def forward(self, pixel_values: torch.Tensor, layers: Iterable[str] = ("last",)) -> dict[str, torch.Tensor]:
+    def forward(
+        self, pixel_values: torch.Tensor, layers: Iterable[str] = ("last",), grids: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Run the encoder as far as the deepest requested layer.
 
         Args:
             pixel_values: (B, 3, S, S) float tensor, already normalised, on the
                 model's device and in its dtype.
+            grids: NaFlex only: (B, 2) int64 patch grid (h, w) of each row of
+                ``pixel_values``, then (B, N, P * P * 3) patch sequences padded to N;
+                the padding is masked out of every attention (its outputs are not meaningful).
             layers: names from ``"embeddings"``, ``"1"``..``str(depth)``, ``"last"``
                 (see ``config.layer_index``).
 
@@ -278,7 +316,8 @@ class VisionTransformer(nn.Module):
         deepest = max(wanted.values()) if wanted else 0  # (no max(default=): torch.compile traces this)
         keep = set(wanted.values())
         states: dict[int, torch.Tensor] = {}
-        x = self.embed(pixel_values)  # (B, T, D)
+        x = self.embed(pixel_values, grids)  # (B, T, D)
+        mask = None if grids is None else token_mask(grids, x.shape[1])  # (B, T)
         rope = None
         if self.cfg.rope:  # (N, D/heads) each, for this input's grid
             grid_h, grid_w = pixel_values.shape[2] // self.cfg.patch_size, pixel_values.shape[3] // self.cfg.patch_size
@@ -287,7 +326,7 @@ class VisionTransformer(nn.Module):
         if 0 in keep:
             states[0] = x
         for i, block in enumerate(self.blocks[: min(deepest, self.cfg.depth)], start=1):
-            x = block(x, rope)  # (B, T, D)
+            x = block(x, rope, mask)  # (B, T, D)
             if i in keep:
                 states[i] = x
         if deepest == self.cfg.depth + 1:  # CLIP: its last hidden state is not normalised

@@ -10,6 +10,7 @@ reference on any device.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -58,6 +59,11 @@ def resize(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """
     target = cfg.resize_to
     width, height = image.size
+    if cfg.resize == "naflex":  # its own grid: (h * P, w * P, 3)
+        rows, columns = naflex_size(height, width, cfg.patch_size, cfg.max_num_patches)
+        if (columns, rows) != image.size:
+            image = image.resize((columns, rows), resample=_RESAMPLE[cfg.interpolation], reducing_gap=None)
+        return np.array(image, dtype=np.uint8)
     if cfg.resize == "squash":
         size = (target, target)
     elif width <= height:
@@ -83,6 +89,77 @@ def resize(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     if cfg.crop:
         image = image.crop((left, top, left + s, top + s))
     return np.array(image, dtype=np.uint8)  # a writable copy, safe to hand to torch
+
+
+def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int) -> tuple[int, int]:
+    """(height, width) in pixels that SigLIP 2 NaFlex resizes an image to: both multiples of
+    ``patch_size`` (at least one patch each), the aspect ratio kept as closely as that allows, at
+    most ``max_num_patches`` patches. As transformers' ``get_image_size_for_max_num_patches``: a
+    bisection on the scale in [1e-6, 100] down to a width of 1e-5, each side ``ceil(side * scale
+    / P) * P``; the largest scale found within the budget wins.
+    """
+
+    def scaled(scale: float, side: int) -> int:
+        return max(patch_size, math.ceil(side * scale / patch_size) * patch_size)
+
+    low, high = 1e-6, 100.0
+    while high - low >= 1e-5:
+        scale = (low + high) / 2
+        if (scaled(scale, height) / patch_size) * (scaled(scale, width) / patch_size) <= max_num_patches:
+            low = scale
+        else:
+            high = scale
+    return scaled(low, height), scaled(low, width)
+
+
+@dataclasses.dataclass
+class PatchBatch:
+    """A batch of NaFlex images as patch sequences, padded to one length (transformers' Siglip2
+    ``pixel_values`` before normalisation, with its ``spatial_shapes``).
+
+    Attributes:
+        patches: (B, N, P * P * 3) uint8: each image's patches in row-major order, each patch's
+            pixels row-major with channels last; rows beyond an image's h * w are zero.
+        grids: (B, 2) int64: each image's grid (h, w) in patches.
+    """
+
+    patches: np.ndarray
+    grids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, rows: slice) -> "PatchBatch":
+        return PatchBatch(self.patches[rows], self.grids[rows])
+
+
+def collate_patches(images: list[np.ndarray], patch_size: int, length: int) -> PatchBatch:
+    """(h * P, w * P, 3) uint8 images of their own sizes -> a ``PatchBatch`` of ``length`` rows
+    each (the budget ``max_num_patches``)."""
+    P = patch_size
+    patches = np.zeros((len(images), length, P * P * 3), dtype=np.uint8)
+    grids = np.zeros((len(images), 2), dtype=np.int64)
+    for i, image in enumerate(images):
+        h, w = image.shape[0] // P, image.shape[1] // P
+        patches[i, : h * w] = image.reshape(h, P, w, P, 3).transpose(0, 2, 1, 3, 4).reshape(h * w, P * P * 3)
+        grids[i] = h, w
+    return PatchBatch(patches, grids)
+
+
+def normalize_patches(batch: PatchBatch, stats, dtype=None):
+    """A ``PatchBatch``'s uint8 patches (B, N, P * P * 3) -> normalised float (B, N, P * P * 3), as
+    ``normalize`` computes each value; the padding rows are zero, as Siglip2ImageProcessor pads
+    after normalising. Returns (patches on ``stats``' device, grids (B, 2) int64 there)."""
+    import torch
+
+    device = stats.device
+    patches = torch.as_tensor(batch.patches).to(device)
+    B, N, K = patches.shape
+    x = patches.reshape(B, N, K // 3, 3).to(torch.float32).div_(255).sub_(stats[0]).div_(stats[1])
+    grids = torch.as_tensor(batch.grids).to(device)
+    real = torch.arange(N, device=device)[None, :] < grids.prod(dim=1, keepdim=True)  # (B, N)
+    x = (x.reshape(B, N, K) * real[..., None]).contiguous()
+    return (x.to(dtype) if dtype is not None else x), grids
 
 
 def crop_offsets(size: tuple[int, int], cfg: PreprocessConfig) -> tuple[int, int]:

@@ -123,8 +123,15 @@ def encode_plan(
             layout, encoded inputs are reported when their part is written).
 
     Raises:
-        UsageError: DIR holds outputs made with other settings (unless ``overwrite``).
+        UsageError: DIR holds outputs made with other settings (unless ``overwrite``); NaFlex token
+            outputs (each image its own shape and grid) into ``--pack`` parts or npy files.
     """
+    if encoder.ragged and (layout.name != "files" or layout.fmt != "safetensors"):
+        raise UsageError(
+            f"--pool {encoder.pool}: a NaFlex model gives each image its own number of tokens and grid, which "
+            f"{'--pack parts' if layout.name != 'files' else 'npy files'} cannot record; write one safetensors file "
+            "per image, or pool (--pool head or mean), which packs normally"
+        )
     summary = Summary(passed_over=len(plan.passed_over))
     start = time.perf_counter()
     metadata = {**encoder.metadata(), "format": layout.fmt, "layout": layout.name}
@@ -172,7 +179,7 @@ def _encode_jobs(todo: list[Job], encoder: Encoder, options: RunOptions, run: "_
     torch.set_num_threads(torch_threads)  # per model thread; restored by the caller
     decoded = decode_stage(todo, lambda job: load_pixels(job.source, pre, decode), options.workers or usable_cores(),
                            lookahead=2 * options.batch_size, name=lambda job: job.source)
-    batches = model_stage(batch_stage(decoded, options.batch_size), encoder, model_threads)
+    batches = model_stage(batch_stage(decoded, options.batch_size), encoder, model_threads, encoder.collate)
     try:
         for chunk, embeddings in batches:
             run.writer.put(chunk, embeddings)  # (B, T, D)
@@ -224,7 +231,10 @@ class _Run:
             summary.stopped = True  # the results at hand are still reported; nothing new is started
 
     def write_batch(self, chunk: list[tuple[Job, np.ndarray | InputError]], embeddings: torch.Tensor | None) -> None:
-        if embeddings is not None and embeddings.is_floating_point():
+        if isinstance(embeddings, list):  # NaFlex: each image its own grid, which its output records
+            self.summary.nonfinite += sum(int(not torch.isfinite(row).all()) for row in embeddings if row.is_floating_point())
+            extras = iter([{"grid": f"{h}x{w}", "tokens": str(h * w)} for h, w in embeddings.grids])
+        elif embeddings is not None and embeddings.is_floating_point():
             self.summary.nonfinite += int((~torch.isfinite(embeddings.reshape(len(embeddings), -1)).all(dim=1)).sum())
         rows = iter(embeddings) if embeddings is not None else iter(())  # (T, D) each
         for job, item in chunk:
@@ -234,7 +244,8 @@ class _Run:
                 self.sink.failed(job, item)
                 self.report(Result(job.source, "failed", error=item))
                 continue
-            for result in self.sink.put(job, next(rows)):
+            extra = next(extras) if isinstance(embeddings, list) else None
+            for result in self.sink.put(job, next(rows), extra):
                 self.report(result)
 
     def finish(self) -> None:  # the last, partly filled part: what was computed is kept, also after Ctrl-C

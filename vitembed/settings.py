@@ -59,6 +59,8 @@ def encoder_metadata(encoder: Any) -> dict[str, str]:
         "background": ",".join(map(str, enc.background)),
         "allow_truncated": "true" if enc.allow_truncated else "false",
     }
+    if cfg.naflex:  # each output records its own grid and token count
+        meta.update(grid="naflex", tokens=f"<={pre.max_num_patches}", max_num_patches=str(pre.max_num_patches))
     if pre.backend != "pil":  # rescaled to float before the resize (DINOv3)
         meta["resize_backend"] = pre.backend
     if enc.normalize:
@@ -73,9 +75,14 @@ def encoder_metadata(encoder: Any) -> dict[str, str]:
     return meta
 
 
+# NaFlex outputs: each image has its own grid and token count (the encoder's say "naflex").
+PER_IMAGE_KEYS = ("grid", "tokens")
+
+
 def run_settings(metadata: dict[str, str]) -> dict[str, str]:
     """The part of an output's metadata that must be equal across the outputs of one DIR."""
-    return {k: v for k, v in metadata.items() if k not in KEYS_NOT_COMPARED}
+    per_image = PER_IMAGE_KEYS if metadata.get("resize") == "naflex" else ()
+    return {k: v for k, v in metadata.items() if k not in KEYS_NOT_COMPARED and k not in per_image}
 
 
 def _differences(ours: dict[str, str], theirs: dict[str, str]) -> str:

@@ -76,14 +76,16 @@ def batch_stage(
 
 
 def model_stage(
-    chunks: Iterable[Chunk], encoder: Callable[[np.ndarray], torch.Tensor], workers: int
-) -> Iterator[tuple[Chunk, torch.Tensor | None]]:
+    chunks: Iterable[Chunk], encoder: Callable[[Any], Any], workers: int, collate: Callable[[list], Any] = np.stack
+) -> Iterator[tuple[Chunk, Any]]:
     """(chunk, embeddings (B, T, D), or None when the chunk holds no image), in input order.
 
     With ``workers`` > 1 each batch is cut into that many near-equal slices, run at
     once in as many threads (torch releases the GIL inside its ops), and joined:
     every core is busy to the last batch. Rows are independent, so the result is
-    the same as one call on the whole batch.
+    the same as one call on the whole batch. ``collate`` makes the batch from the decoded
+    images (``Encoder.collate``: stacked, or a NaFlex ``PatchBatch``); a batch's result is a
+    tensor, or a list type with ``join`` (``encoder.RaggedRows``).
     """
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vitembed-model") if workers > 1 else None
     try:
@@ -92,12 +94,13 @@ def model_stage(
             if not images:
                 yield chunk, None
                 continue
-            pixels = np.stack(images)  # (B, S, S, 3) uint8
+            pixels = collate(images)  # (B, S, S, 3) uint8, or a PatchBatch
             if pool is None or len(pixels) < 2:
                 yield chunk, encoder(pixels)
                 continue
-            slices = np.array_split(pixels, min(workers, len(pixels)))
-            yield chunk, torch.cat(list(pool.map(encoder, slices)))
+            bounds = np.array_split(np.arange(len(pixels)), min(workers, len(pixels)))
+            parts = list(pool.map(encoder, [pixels[int(b[0]): int(b[-1]) + 1] for b in bounds]))
+            yield chunk, torch.cat(parts) if isinstance(parts[0], torch.Tensor) else type(parts[0]).join(parts)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

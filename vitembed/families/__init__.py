@@ -6,7 +6,7 @@
     dinov2   DINOv2 (Oquab et al. 2023), with and without registers (Darcet et al. 2023)
     clip     CLIP's image tower (Radford et al. 2021), and its projection into the joint space
     dinov3   DINOv3 (Siméoni et al. 2025): registers, 2-D RoPE, SwiGLU for S+, H+ and 7B
-    siglip   SigLIP (Zhai et al. 2023) and the fixed-resolution SigLIP 2 (Tschannen et al. 2025)
+    siglip   SigLIP (Zhai et al. 2023) and SigLIP 2 (Tschannen et al. 2025), fixed-resolution and NaFlex
 
 A new family is one new module here, built like these, and one line in ``FAMILIES``.
 Does not import torch at import time.
@@ -57,14 +57,6 @@ def checkpoint_prefixes() -> tuple[str, ...]:
     return tuple(p for family in FAMILIES for p in family.prefixes)
 
 
-# Model types people will try that are not read yet, and what to use instead.
-NOT_YET = {
-    name: "SigLIP 2 NaFlex (Siglip2VisionModel: the image keeps its aspect ratio, each its own token count) "
-          "is not supported yet; the fixed-resolution google/siglip2-*-patchNN-RES checkpoints are "
-          "(model_type siglip, e.g. --model siglip2-base-patch16-224)"
-    for name in ("siglip2", "siglip2_vision_model")
-}
-
 # transformers' hidden_act names -> ours.
 _HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
            "silu": "silu", "swish": "silu"}
@@ -83,8 +75,6 @@ def config_from_transformers(hf: Any, source: str = "config.json") -> ViTConfig:
         raise CheckpointError(f"{source}: expected a JSON object, got {type(hf).__name__}")
     model_type = hf.get("model_type", "vit")
     family = next((f for f in FAMILIES if model_type in f.model_types), None)
-    if model_type in NOT_YET:
-        raise CheckpointError(f"{source}: model_type {model_type!r}: {NOT_YET[model_type]}")
     if family is None:
         known = [t for f in FAMILIES for t in f.model_types]
         raise CheckpointError(f"{source}: model_type {model_type!r} is not supported (expected one of {', '.join(known)})")

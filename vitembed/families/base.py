@@ -156,7 +156,7 @@ class Family:
         """Width of a pooled vector (``cls``, ``mean``, ``head``): the token width D."""
         return cfg.hidden_size
 
-    def pool(self, model: Any, tokens: Any, how: str, layer: str = "last") -> Any:
+    def pool(self, model: Any, tokens: Any, how: str, layer: str = "last", mask: Any = None) -> Any:
         """Reduce token encodings (B, T, D) of ``layer``; T = prefix tokens + patches.
 
         ``none``: unchanged. ``cls``: the class token, (B, D). ``mean``: the mean of the
@@ -164,23 +164,33 @@ class Family:
         ``patch``: the patch tokens only, (B, grid * grid, D). ``head``: the family's own
         pooled embedding of ``last`` (``head_of``). ``check_pool`` says which are allowed.
 
+        With ``mask`` (B, T) bool (NaFlex batches: False for padding), ``none`` and ``patch``
+        give a list of B (T_i, D) tensors, each image's real tokens, and ``mean`` and ``head``
+        leave the padding out.
+
         Raises:
             UsageError: an unknown ``how``.
         """
         prefix = model.cfg.num_prefix_tokens
+        if how in ("none", "patch") and mask is not None:
+            counts = mask.sum(dim=1).tolist()
+            return [row[prefix if how == "patch" else 0: n] for row, n in zip(tokens, counts)]
         if how == "none":
             return tokens
         if how == "cls":
             return tokens[:, 0]
+        if how == "mean" and mask is not None:
+            real = mask[:, prefix:, None].to(tokens.dtype)  # (B, N, 1)
+            return (tokens[:, prefix:] * real).sum(dim=1) / real.sum(dim=1)
         if how == "mean":
             return tokens[:, prefix:].mean(dim=1)
         if how == "patch":
             return tokens[:, prefix:]
         if how == "head":
-            return self.head_of(model, tokens)
+            return self.head_of(model, tokens, mask)
         raise UsageError(f"pool {how!r}: expected one of {', '.join(POOLS)}")
 
-    def head_of(self, model: Any, tokens: Any) -> Any:
+    def head_of(self, model: Any, tokens: Any, mask: Any = None) -> Any:
         """The family's own pooled embedding (B, P) of the ``last`` tokens (B, T, D).
 
         Raises:

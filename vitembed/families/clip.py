@@ -82,14 +82,14 @@ class CLIP(Family):
     def pooled_dim(self, cfg: Any, how: str) -> int:
         return cfg.proj_dim if how == "head" else cfg.hidden_size
 
-    def pool(self, model: Any, tokens: Any, how: str, layer: str = "last") -> Any:
+    def pool(self, model: Any, tokens: Any, how: str, layer: str = "last", mask: Any = None) -> Any:
         """As ``Family.pool``, but ``cls`` of ``last`` is ``post_layernorm`` of the class token
         (the reference's ``pooler_output``)."""
         if how == "cls" and layer == "last":
             return model.norm(tokens[:, 0])
-        return super().pool(model, tokens, how, layer)
+        return super().pool(model, tokens, how, layer, mask)
 
-    def head_of(self, model: Any, tokens: Any) -> Any:
+    def head_of(self, model: Any, tokens: Any, mask: Any = None) -> Any:
         """``visual_projection(post_layernorm(class token))``: (B, T, D) -> (B, proj_dim)."""
         return model.head(model.norm(tokens[:, 0]))
 

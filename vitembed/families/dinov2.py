@@ -61,7 +61,7 @@ class DINOv2(Family):
             hidden, fields["mlp"] = swiglu_hidden(hidden), "swiglu"
         return {**hf, "intermediate_size": hidden}, fields
 
-    def head_of(self, model: Any, tokens: Any) -> Any:
+    def head_of(self, model: Any, tokens: Any, mask: Any = None) -> Any:
         """``pooler_output``: the class token of the normalised last tokens, (B, T, D) -> (B, D)."""
         return tokens[:, 0]
 

@@ -89,7 +89,7 @@ class DINOv3(Family):
                   "mlp": "swiglu" if gated else "mlp"}
         return {**hf, "qkv_bias": flags["query_bias"]}, fields
 
-    def head_of(self, model: Any, tokens: Any) -> Any:
+    def head_of(self, model: Any, tokens: Any, mask: Any = None) -> Any:
         """``pooler_output``: the class token of the normalised last tokens, (B, T, D) -> (B, D)."""
         return tokens[:, 0]
 

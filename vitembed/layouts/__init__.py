@@ -70,5 +70,6 @@ def load(path: str | os.PathLike, as_torch: bool = False) -> Loaded:
     if as_torch:
         import torch
 
-        loaded.embeddings = torch.from_numpy(loaded.embeddings)
+        e = loaded.embeddings
+        loaded.embeddings = [torch.from_numpy(a) for a in e] if isinstance(e, list) else torch.from_numpy(e)
     return loaded

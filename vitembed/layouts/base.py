@@ -28,7 +28,8 @@ class Loaded:
 
     Attributes:
         embeddings: (N, *embedding shape) numpy array in the saved dtype (bfloat16 read as
-            float32, exactly: numpy has no bfloat16), or a torch tensor with ``as_torch``.
+            float32, exactly: numpy has no bfloat16), or a torch tensor with ``as_torch``; for
+            NaFlex token outputs a list of N (T_i, D) arrays (each image its own grid).
         keys: N output names relative to DIR without the suffix (``sub/cat.jpg``), sorted.
         sources: N input paths, as the metadata records them ('' where npy files carry none).
         metadata: the settings the outputs were made with (``settings.run_settings`` of their
@@ -51,8 +52,9 @@ class Sink(ABC):
     problems: list[str]
 
     @abstractmethod
-    def put(self, job: "Job", embedding: Any) -> list["Result"]:
-        """Take one (T, D) or (D,) CPU tensor; return the results of what was written by now."""
+    def put(self, job: "Job", embedding: Any, extra: dict[str, str] | None = None) -> list["Result"]:
+        """Take one (T, D) or (D,) CPU tensor; return the results of what was written by now.
+        ``extra``: metadata of this output alone (a NaFlex image's ``grid`` and ``tokens``)."""
 
     def failed(self, job: "Job", error: "InputError") -> None:
         """Record that ``job`` failed (a layout with an index notes it there)."""

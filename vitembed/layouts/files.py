@@ -98,9 +98,10 @@ class FilesSink(Sink):
         self.fmt, self.metadata = fmt, metadata
         self.problems: list[str] = []  # no index in this layout: always empty
 
-    def put(self, job, embedding) -> list[Result]:
+    def put(self, job, embedding, extra=None) -> list[Result]:
         try:
-            write_embedding(job.output, embedding, {**self.metadata, "source": printable(job.source)}, self.fmt)
+            metadata = {**self.metadata, **(extra or {}), "source": printable(job.source)}
+            write_embedding(job.output, embedding, metadata, self.fmt)
         except Exception as e:  # disk full, name too long, ...: this output fails, the run goes on
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             error = InputError(job.source, "write-failed", f"cannot write {shown(job.output)}: {reason}")
@@ -209,11 +210,14 @@ class FilesLayout(Layout):
                 settings = ours
             elif ours != settings:
                 raise mixed_outputs(shown(path), settings, ours)
-            if arrays and (array.shape, array.dtype) != (arrays[0].shape, arrays[0].dtype):
+            naflex = ours.get("resize") == "naflex" and ours.get("pool") in ("none", "patch")
+            if arrays and not naflex and (array.shape, array.dtype) != (arrays[0].shape, arrays[0].dtype):
                 raise UsageError(f"{shown(file)}: shape {array.shape} {array.dtype}, the others {arrays[0].shape} {arrays[0].dtype}")
             arrays.append(array)
             keys.append(printable(file.relative_to(root).as_posix()[: -len(file.suffix)]))
             sources.append(meta.get("source", ""))
+        if (settings or {}).get("resize") == "naflex" and settings.get("pool") in ("none", "patch"):
+            return Loaded(arrays, keys, sources, settings)  # NaFlex tokens: a list, each image its own (T_i, D)
         return Loaded(np.stack(arrays), keys, sources, settings or {})
 
 

@@ -166,7 +166,7 @@ class PackSink(Sink):
         self.jobs: dict = {}
         self.problems: list[str] = []
 
-    def put(self, job, embedding) -> list[Result]:
+    def put(self, job, embedding, extra=None) -> list[Result]:  # (the part's rows share one grid: pooled only)
         key = job.key
         self.jobs[key] = job
         return self.close() if self.writer.add(key, printable(job.source), embedding) else []

@@ -1,0 +1,570 @@
+"""``vitembed verify``: are these the real embeddings? vitembed against its reference, on your images.
+
+    >>> from vitembed.verify import verify
+    >>> report = verify("vit-base-patch16-224-in21k", "weights/vit-b16/")    # synthetic images
+    >>> report.ok, [(row.name, row.max_abs) for row in report.rows]
+
+For a checkpoint folder (config.json + weights) the reference is transformers: its image processor
+(``AutoImageProcessor.from_pretrained(folder, backend="pil")``) and its model
+(``AutoModel.from_pretrained(folder)``, float32, eval, ``output_hidden_states=True``; for a whole
+CLIP/SigLIP-style model its ``vision_model`` for the hidden states and ``get_image_features`` for
+``image_features``). For a single timm-layout weights file the reference is timm. Both sides
+decode an image the same way (vitembed's decoder: EXIF orientation, sRGB, alpha onto the
+background); from there each side preprocesses and runs on its own, so a difference in the
+preprocessing shows up in the layers too. vitembed runs on the CPU in float32, as the reference.
+
+Three kinds of comparison (``Row.item``):
+
+- ``pixels``: ``Encoder.preprocess(image)`` (3, S, S) float32 against the reference processor's
+  ``pixel_values[0]``, per image; they must be bit-identical (``torch.equal``).
+- ``layer``: the (N, T, D) tokens of a layer (``embeddings`` = ``hidden_states[0]``, block ``N`` =
+  ``hidden_states[N]``, ``last`` = ``last_hidden_state``), cosine similarity per token.
+- ``pooled``: each (vitembed pool mode, reference output) pair the family declares
+  (``Family.reference_pooled``), (N, P) vectors, cosine similarity per image.
+
+An item passes when its max-abs difference is at most ``TOLERANCE`` (float32 noise of a different
+order of summation; the pixels: 0). Imports torch and the reference only when called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, UsageError, VitembedError
+
+TOLERANCE = 1e-4  # max-abs difference allowed between vitembed's and the reference's float32 outputs
+INSTALL_HINT = "pip install 'vitembed[verify]'"
+OVERRIDES = ("image_size", "resize", "interpolation", "crop_pct", "mean", "std")  # passed to vitembed only
+SYNTHETIC_SIZES = ((320, 213), (180, 300), (256, 256))  # (width, height) of the default images
+
+__all__ = ["INSTALL_HINT", "TOLERANCE", "ReferenceUnavailableError", "Row", "Skipped", "VerifyReport",
+           "synthetic_images", "verify"]
+
+
+class ReferenceUnavailableError(VitembedError):
+    """The reference implementation cannot be run here: transformers (or timm, for a single
+    timm-layout file) is not installed, or the weights are of a kind no reference reads. Exit 2."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One compared item.
+
+    Attributes:
+        item: ``pixels``, ``layer`` or ``pooled``.
+        name: ``pixel_values``; the layer (``embeddings``, ``N``, ``last``); the pool mode.
+        reference: what it is compared with (``pixel_values``, ``hidden_states[N]``,
+            ``last_hidden_state``, ``pooler_output``, ``image_features``, ``cls_of_last``).
+        max_abs: largest absolute difference (None when the shapes differ).
+        cosine_mean, cosine_min: cosine similarity, mean and minimum over tokens (layers),
+            images (pixels, flattened; pooled vectors); None when the shapes differ.
+        ok: within ``TOLERANCE``; for pixels, bit-identical.
+        equal: ``torch.equal`` of the two (the pixels' criterion).
+        note: why it failed, when it is not just the numbers (shapes, a pooling vitembed refuses).
+    """
+
+    item: str
+    name: str
+    reference: str
+    max_abs: float | None
+    cosine_mean: float | None
+    cosine_min: float | None
+    ok: bool
+    equal: bool = False
+    note: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        out = {"item": self.item, "name": self.name, "reference": self.reference, "max_abs": self.max_abs,
+               "cosine_mean": self.cosine_mean, "cosine_min": self.cosine_min, "ok": self.ok, "equal": self.equal}
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An item that was not compared, and why (no reference processor, an output the loaded
+    reference model does not have)."""
+
+    item: str
+    name: str
+    reason: str
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found.
+
+    Attributes:
+        rows: the compared items, pixels first, then the layers, then the pooled vectors.
+        skipped: items not compared, with the reason.
+        model: vitembed's model name (``Encoder.model_name``); family: its family.
+        weights: where the weights came from; reference: the reference, in words
+            (``transformers ViTModel + ViTImageProcessorPil``).
+        reference_input: ``own`` (the reference ran on its processor's pixels) or ``vitembed``
+            (no reference processor: it ran on vitembed's).
+        images: how many images were compared; image_names: them, for messages.
+        tolerance: ``TOLERANCE``.
+    """
+
+    rows: list[Row]
+    skipped: list[Skipped]
+    model: str
+    family: str
+    weights: str
+    reference: str
+    reference_input: str
+    images: int
+    image_names: list[str] = field(default_factory=list)
+    tolerance: float = TOLERANCE
+
+    @property
+    def ok(self) -> bool:
+        """Every compared item within tolerance and the inputs bit-identical."""
+        return all(row.ok for row in self.rows)
+
+    @property
+    def failed(self) -> list[Row]:
+        return [row for row in self.rows if not row.ok]
+
+    def summary(self) -> dict[str, Any]:
+        """The ``{"summary": ...}`` object of ``--json``."""
+        return {"ok": self.ok, "model": self.model, "family": self.family, "weights": self.weights,
+                "reference": self.reference, "reference_input": self.reference_input, "images": self.images,
+                "tolerance": self.tolerance, "compared": len(self.rows),
+                "failed": [f"{row.item} {row.name}" for row in self.failed],
+                "skipped": [dataclasses.asdict(s) for s in self.skipped]}
+
+    def json_lines(self) -> list[str]:
+        """One JSON object per compared item, then the summary."""
+        return [json.dumps(row.as_json()) for row in self.rows] + [json.dumps({"summary": self.summary()})]
+
+
+def synthetic_images(sizes: tuple[tuple[int, int], ...] = SYNTHETIC_SIZES, seed: int = 0) -> list[Any]:
+    """Made-up RGB PIL images (gradients, stripes and noise; seeded, so always the same), of the
+    (width, height) ``sizes``: landscape, portrait and square, so that resize and crop have work."""
+    import numpy as np
+    from PIL import Image
+
+    images = []
+    for i, (width, height) in enumerate(sizes):
+        rng = np.random.default_rng(seed + i)
+        y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+        r = 127 + 120 * np.sin(x / width * (5.0 + i) + i)
+        g = 127 + 120 * np.cos(y / height * (4.0 + i))
+        b = (x + y) / (width + height) * 255
+        arr = np.stack([r, g, b], axis=-1) + rng.normal(0, 20, (height, width, 3))
+        images.append(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB"))
+    return images
+
+
+def verify(model: str | os.PathLike | None = None, weights: Any = None, images: Any = None,
+           layers: Any = None, **overrides: Any) -> VerifyReport:
+    """Run vitembed and its reference on ``images`` and compare inputs, layers and pooled vectors.
+
+    Args:
+        model: a catalog name (None: the default model), or a checkpoint folder (as ``Encoder``).
+        weights: a checkpoint folder (config.json + model.safetensors / pytorch_model.bin; the
+            reference is transformers), a single timm-layout weights file (the reference is timm),
+            or None to find them as ``vitembed encode`` does. Not ``random``: nothing to compare with.
+        images: paths, PIL images or (H, W, 3) uint8 arrays (None: ``synthetic_images()``).
+        layers: layer names (``embeddings``, ``N``, ``last``); None: ``embeddings``, the middle
+            block (depth // 2) and ``last``.
+        **overrides: ``image_size``, ``resize``, ``interpolation``, ``crop_pct``, ``mean``, ``std``:
+            applied to vitembed's Encoder only; the reference keeps its own processor, so an
+            override that changes the input shows up as a difference.
+
+    Returns:
+        A ``VerifyReport``: ``ok`` when every max-abs is at most ``TOLERANCE`` (1e-4) and the
+        inputs are bit-identical.
+
+    Raises:
+        UsageError: ``weights="random"``, an unknown override, a layer the model does not have,
+            a NaFlex checkpoint (variable-size inputs are not compared yet).
+        ReferenceUnavailableError: transformers (or timm) missing, weights no reference reads.
+        WeightsNotFoundError, CheckpointError: as ``Encoder``.
+        InputError: an image that cannot be decoded.
+    """
+    from .catalog import DEFAULT_MODEL, get_model_spec
+    from .config import layer_index
+    from .options import ModelOptions
+    from .weights import RANDOM, resolve_weights
+
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise UsageError(f"verify: unknown option(s) {', '.join(unknown)}; expected some of: {', '.join(OVERRIDES)}")
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise UsageError(f"--weights must be a path (got {weights!r})")
+    if weights is not None and os.fspath(weights) == RANDOM:
+        raise UsageError("verify --weights random: random weights have no reference to compare with; "
+                         "give a checkpoint folder or file")
+    options = ModelOptions(model=DEFAULT_MODEL if model is None else model, weights=weights, device="cpu",
+                           dtype="float32", **{k: v for k, v in overrides.items() if v is not None})
+    spec = get_model_spec(options.model)
+    resolved = resolve_weights(spec, options.weights, options.seed, progress=False)
+    reference = _reference_for(resolved, spec)  # before the Encoder: a missing reference costs nothing
+
+    from .encoder import Encoder
+    from .options import EncodingOptions
+
+    encoder = Encoder(options=dataclasses.replace(options, weights=resolved), encoding=EncodingOptions())
+    cfg = encoder.weights.config
+    if getattr(cfg, "naflex", False):
+        raise UsageError("verify compares fixed-size inputs; a NaFlex checkpoint (one grid per image) is not supported yet")
+    layers = [layers] if isinstance(layers, (str, int)) else list(layers or ())
+    if not layers:
+        layers = ["embeddings", str(max(1, cfg.depth // 2)), "last"]
+    names = []
+    for layer in layers:
+        name = str(int(layer)) if isinstance(layer, int) or (isinstance(layer, str) and layer.isdigit()) else layer
+        if not isinstance(name, str):
+            raise UsageError(f"--layer must be last, embeddings or a block number (got {layer!r})")
+        layer_index(name, cfg.depth)
+        if name not in names:
+            names.append(name)
+    return _compare(encoder, reference, _inputs(images), names)
+
+
+# --- the reference ---------------------------------------------------------------------------
+
+
+def _reference_for(resolved: Any, spec: Any) -> "_Reference":
+    """The reference implementation of these weights.
+
+    Raises:
+        ReferenceUnavailableError: its library is missing, or no reference reads these weights.
+    """
+    file = resolved.file
+    folder = None
+    if Path(resolved.source).is_dir():
+        folder = Path(resolved.source)
+    elif resolved.source.startswith("hf://") and spec.source != "timm" and (file.parent / "config.json").is_file():
+        folder = file.parent  # the Hub snapshot folder
+    if folder is not None:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ReferenceUnavailableError(
+                f"the reference of a checkpoint folder is transformers, which is not installed: {INSTALL_HINT}") from None
+        return _TransformersReference(folder)
+    layout = _layout_of(file)
+    if layout != "timm":
+        raise ReferenceUnavailableError(
+            f"{resolved.source}: a single weights file in the {layout} layout has no config.json for the transformers "
+            "reference; give the checkpoint folder (config.json + weights), or a timm-layout file")
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        raise ReferenceUnavailableError(
+            f"{resolved.source}: the reference of a timm-layout weights file is timm, which is not installed: "
+            f"{INSTALL_HINT}") from None
+    if not spec.repo.startswith("timm/"):
+        raise ReferenceUnavailableError(
+            f"--model {spec.name} names no timm architecture; give --model the timm entry these weights are of "
+            "(vitembed models: the vit_*.augreg_in21k names)")
+    return _TimmReference(spec.repo.split("/", 1)[1], file)
+
+
+def _layout_of(file: Path) -> str:
+    """The key layout of a weights file (``convert.detect_format``), reading only its key names
+    when it is a safetensors file."""
+    from .convert import detect_format, strip_prefixes
+
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                keys = dict.fromkeys(f.keys())
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read: {e}") from None
+    else:
+        from .weights import read_state_dict
+
+        keys = read_state_dict(file)
+    return detect_format(strip_prefixes(keys), str(file))
+
+
+class _Reference:
+    """What verify asks of a reference (transformers or timm)."""
+
+    description = ""
+    has_processor = True
+    no_processor_reason = ""
+
+    def pixels(self, image: Any) -> Any:
+        """An RGB PIL image -> the reference's (3, S, S) float32 input."""
+        raise NotImplementedError
+
+    def run(self, pixels: Any) -> dict[str, Any]:
+        """(N, 3, S, S) -> {"hidden_states": [(N, T, D)...], "last_hidden_state": (N, T, D), ...}."""
+        raise NotImplementedError
+
+    def pooled(self, outputs: dict[str, Any], pixels: Any, name: str) -> tuple[Any, str]:
+        """(the reference's pooled output ``name`` (N, P), '') or (None, why it has none)."""
+        raise NotImplementedError
+
+
+class _TransformersReference(_Reference):
+    def __init__(self, folder: Path):
+        import torch
+        from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        self.folder = folder
+        self.processor, self._torch_ops, self.no_processor_reason = _processor(folder)
+        self.has_processor = self.processor is not None or self._torch_ops is not None
+        try:
+            model = AutoModel.from_pretrained(folder, dtype=torch.float32)
+        except Exception as e:  # transformers raises many kinds on a checkpoint it cannot load
+            raise ReferenceUnavailableError(f"{folder}: transformers cannot load it: {type(e).__name__}: "
+                                            f"{(str(e).strip().splitlines() or [''])[0]}") from None
+        self.model = model.float().eval()
+        whole = hasattr(model, "get_image_features") and hasattr(model, "vision_model")
+        self.tower = model.vision_model if whole else model
+        what = (type(self.processor).__name__ if self.processor is not None
+                else f"{self._torch_ops['image_processor_type']} (its torch operations)" if self._torch_ops
+                else "no processor")
+        self.description = f"transformers {type(model).__name__}" + (".vision_model" if whole else "") + f" + {what}"
+
+    def pixels(self, image: Any) -> Any:
+        if self.processor is not None:
+            return self.processor(images=image, do_convert_rgb=True, return_tensors="pt")["pixel_values"][0].float()
+        return _torch_ops_pixels(image, self._torch_ops)
+
+    def run(self, pixels: Any) -> dict[str, Any]:
+        out = self.tower(pixel_values=pixels, output_hidden_states=True)
+        return {"hidden_states": out.hidden_states, "last_hidden_state": out.last_hidden_state,
+                "pooler_output": getattr(out, "pooler_output", None)}
+
+    def pooled(self, outputs: dict[str, Any], pixels: Any, name: str) -> tuple[Any, str]:
+        if name == "cls_of_last":
+            return outputs["last_hidden_state"][:, 0], ""
+        if name == "pooler_output":
+            if outputs["pooler_output"] is None:
+                return None, f"{type(self.tower).__name__} gives no pooler_output"
+            return outputs["pooler_output"], ""
+        if name == "image_features":
+            if not hasattr(self.model, "get_image_features"):
+                return None, (f"{type(self.model).__name__} has no get_image_features (a vision-only checkpoint; "
+                              "the whole model's checkpoint has it)")
+            features = self.model.get_image_features(pixel_values=pixels)
+            return (features if _is_tensor(features) else features.pooler_output), ""
+        return None, f"unknown reference output {name!r}"
+
+
+def _is_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
+def _processor(folder: Path) -> tuple[Any, dict | None, str]:
+    """(the reference image processor, or the settings of one whose torch operations verify runs
+    itself, or neither; why there is none).
+
+    The PIL backend is asked for (what vitembed mirrors); a processor that exists only for
+    torchvision loads when torchvision is installed, and otherwise, when it rescales before it
+    resizes (``config.RESCALE_FIRST_PROCESSORS``: DINOv3's), its torch operations run here.
+    """
+    from transformers import AutoImageProcessor
+
+    from .config import RESCALE_FIRST_PROCESSORS
+
+    file = folder / "preprocessor_config.json"
+    if not file.is_file():
+        return None, None, f"no reference processor: {folder} has no preprocessor_config.json"
+    try:
+        return AutoImageProcessor.from_pretrained(folder, backend="pil"), None, ""
+    except ImportError:  # a processor that needs torchvision, which is not installed
+        settings = json.loads(file.read_text())
+        kind = settings.get("image_processor_type", "?")
+        if kind in RESCALE_FIRST_PROCESSORS:
+            return None, settings, ""
+        return None, None, f"no PIL reference processor: {kind} needs torchvision, which is not installed"
+    except Exception as e:
+        return None, None, f"no reference processor: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+# DINOv3ViTImageProcessor's class defaults (its source), which its preprocessor_config.json may leave out.
+_RESCALE_FIRST_DEFAULTS = {"do_resize": True, "size": {"height": 224, "width": 224}, "resample": 2,
+                           "do_rescale": True, "rescale_factor": 1 / 255, "do_center_crop": False,
+                           "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+_TORCH_MODES = {2: "bilinear", 3: "bicubic"}  # PIL resample codes -> F.interpolate modes (antialiased)
+
+
+def _torch_ops_pixels(image: Any, settings: dict) -> Any:
+    """The ``_preprocess`` of a rescale-first processor (DINOv3ViTImageProcessor), by its source,
+    on torch tensors: uint8 CHW * rescale_factor, torchvision's resize of a float tensor
+    (``F.interpolate``, antialias, align_corners False), centre crop, (x - mean) / std."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    s = {**_RESCALE_FIRST_DEFAULTS, **{k: v for k, v in settings.items() if v is not None}}
+    x = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+    if s["do_rescale"]:
+        x = x * s["rescale_factor"]
+    x = x.float()
+    if s["do_resize"]:
+        size, mode = s["size"], _TORCH_MODES.get(s["resample"])
+        if mode is None or "height" not in size:
+            raise ReferenceUnavailableError(f"{s.get('image_processor_type')}: resample {s['resample']} / size {size} "
+                                            "are not reproduced by verify's torch operations")
+        x = F.interpolate(x, size=(size["height"], size["width"]), mode=mode, align_corners=False, antialias=True)
+    if s["do_center_crop"]:
+        crop = s.get("crop_size") or {}
+        ch, cw = crop.get("height", x.shape[2]), crop.get("width", x.shape[3])
+        top, left = int(round((x.shape[2] - ch) / 2.0)), int(round((x.shape[3] - cw) / 2.0))
+        x = x[:, :, top:top + ch, left:left + cw]
+    if s["do_normalize"]:
+        mean = torch.tensor(s["image_mean"], dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(s["image_std"], dtype=torch.float32).view(-1, 1, 1)
+        x = x.sub(mean).div_(std)
+    return x[0].contiguous()
+
+
+class _TimmReference(_Reference):
+    """timm's VisionTransformer with these weights and its own data config and transforms
+    (``resolve_data_config``, ``create_transform``). Hidden states are read with forward hooks:
+    ``embeddings`` after ``norm_pre``, block N after ``blocks[N - 1]``, ``last`` is
+    ``forward_features``. Only ``cls_of_last`` pooled outputs are compared."""
+
+    def __init__(self, name: str, file: Path):
+        import timm
+        from timm.data import create_transform, resolve_data_config
+
+        self.model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(file)},
+                                       num_classes=0).float().eval()
+        self.transform = create_transform(**resolve_data_config({}, model=self.model))
+        self.description = f"timm {name} + its data config"
+
+    def pixels(self, image: Any) -> Any:
+        return self.transform(image.convert("RGB")).float()
+
+    def run(self, pixels: Any) -> dict[str, Any]:
+        states: list[Any] = []
+        modules = [self.model.norm_pre, *self.model.blocks]
+        hooks = [m.register_forward_hook(lambda _m, _i, out: states.append(out)) for m in modules]
+        try:
+            last = self.model.forward_features(pixels)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return {"hidden_states": tuple(states), "last_hidden_state": last, "pooler_output": None}
+
+    def pooled(self, outputs: dict[str, Any], pixels: Any, name: str) -> tuple[Any, str]:
+        if name == "cls_of_last":
+            return outputs["last_hidden_state"][:, 0], ""
+        return None, f"the timm reference gives no {name}"
+
+
+# --- comparing ---------------------------------------------------------------------------------
+
+
+def _inputs(images: Any) -> list[tuple[str, Any]]:
+    """(name, image) pairs: paths, PIL images or arrays as given, or the synthetic images."""
+    from .encoder import _as_list
+
+    if images is None:
+        return [(f"synthetic-{i}", im) for i, im in enumerate(synthetic_images())]
+    items = _as_list(images)
+    if not items:
+        raise UsageError("verify: no images given (give none at all for the synthetic ones)")
+    return [(os.fspath(im) if isinstance(im, (str, os.PathLike)) else f"image {i}", im) for i, im in enumerate(items)]
+
+
+def _decoded(encoder: Any, image: Any) -> Any:
+    """The RGB PIL image both sides start from: vitembed's decoding of a file (EXIF orientation,
+    sRGB, alpha onto the background); a PIL image or an array as it is, made RGB the same way."""
+    from PIL import Image
+
+    from .decode import decode_image, to_rgb, upright
+
+    if isinstance(image, (str, os.PathLike)):
+        return decode_image(image, encoder.encoding.decode)
+    if isinstance(image, Image.Image):
+        return to_rgb(upright(image), encoder.encoding.decode.background)
+    encoder.pixels(image)  # an array that is not (H, W, 3) uint8: the Encoder's InputError
+    return Image.fromarray(image, "RGB")
+
+
+def _row(item: str, name: str, reference: str, ours: Any, theirs: Any, per: str, exact: bool = False) -> Row:
+    """Compare two tensors: ``per`` says what a cosine is taken over (``token``: the last dim of
+    (N, T, D); ``row``: each row of (N, ...) flattened)."""
+    import torch
+    import torch.nn.functional as F
+
+    if tuple(ours.shape) != tuple(theirs.shape):
+        return Row(item, name, reference, None, None, None, False,
+                   note=f"shapes differ: vitembed {tuple(ours.shape)}, reference {tuple(theirs.shape)}")
+    a, b = ours.detach().double(), theirs.detach().double()
+    if per == "row":
+        a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    cos = F.cosine_similarity(a, b, dim=-1)
+    equal = torch.equal(ours, theirs)
+    max_abs = float((a - b).abs().max()) if a.numel() else 0.0
+    ok = equal if exact else max_abs <= TOLERANCE
+    return Row(item, name, reference, max_abs, float(cos.mean()), float(cos.min()), bool(ok), bool(equal))
+
+
+def _compare(encoder: Any, reference: _Reference, images: list[tuple[str, Any]], names: list[str]) -> VerifyReport:
+    import torch
+
+    rows: list[Row] = []
+    skipped: list[Skipped] = []
+    with torch.inference_mode():
+        ours_px = torch.stack([encoder.preprocess(image) for _, image in images])  # (N, 3, S, S) float32
+        if reference.has_processor:
+            theirs_list = [reference.pixels(_decoded(encoder, image)) for _, image in images]
+            same = len({tuple(t.shape) for t in theirs_list}) == 1
+            theirs_px = torch.stack(theirs_list) if same else None
+            if theirs_px is None:
+                rows.append(Row("pixels", "pixel_values", "pixel_values", None, None, None, False,
+                                note="the reference's inputs differ in shape from image to image"))
+            else:
+                rows.append(_row("pixels", "pixel_values", "pixel_values", ours_px, theirs_px, "row", exact=True))
+            used = "own"
+        else:
+            skipped.append(Skipped("pixels", "pixel_values", reference.no_processor_reason + "; the reference model "
+                                   "runs on vitembed's inputs, so only the model is compared"))
+            theirs_px, used = ours_px, "vitembed"
+        if theirs_px is not None:
+            ours = encoder.model(ours_px, layers=tuple(dict.fromkeys([*names, "last"])))
+            theirs = reference.run(theirs_px)
+            hidden = theirs["hidden_states"] or ()
+            for name in names:
+                if name == "last":
+                    want, label = theirs["last_hidden_state"], "last_hidden_state"
+                else:
+                    index = 0 if name == "embeddings" else int(name)
+                    label = f"hidden_states[{index}]"
+                    if index >= len(hidden):
+                        rows.append(Row("layer", name, label, None, None, None, False,
+                                        note=f"the reference gives {len(hidden)} hidden states"))
+                        continue
+                    want = hidden[index]
+                rows.append(_row("layer", name, label, ours[name], want, "token"))
+            family, cfg = encoder.family, encoder.weights.config
+            for mode, output in family.reference_pooled:
+                want, why = reference.pooled(theirs, theirs_px, output)
+                if want is None:
+                    skipped.append(Skipped("pooled", mode, why))
+                    continue
+                try:
+                    family.check_pool(cfg, mode, "last")
+                    got = family.pool(encoder.model, ours["last"], mode, "last")
+                except UsageError as e:
+                    rows.append(Row("pooled", mode, output, None, None, None, False,
+                                    note=f"vitembed cannot give it: {e}"))
+                    continue
+                rows.append(_row("pooled", mode, output, got, want, "row"))
+    return VerifyReport(rows, skipped, encoder.model_name, encoder.family.name, encoder.weights.source,
+                        reference.description, used, len(images), [n for n, _ in images])
