@@ -225,3 +225,11 @@ def test_dinov3_from_the_cli_packed_and_per_image_with_its_metadata(tmp_path):
     loaded = vitembed.load(tmp_path / "packed")
     assert loaded.embeddings.shape == (3, 789, 48)
     assert torch.equal(torch.from_numpy(loaded.embeddings[loaded.keys.index("0.jpg")]), one)
+
+
+def test_dinov3_processor_config_without_mean_and_std_uses_imagenet_as_its_processor():
+    """Found by verify: DINOv3ViTImageProcessor defaults to ImageNet statistics, not 0.5."""
+    config = {k: v for k, v in PUBLISHED_PROCESSOR.items() if k not in ("image_mean", "image_std")}
+    cfg = PreprocessConfig.from_transformers(config)
+    assert (cfg.mean, cfg.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert PreprocessConfig.from_transformers({"image_processor_type": "ViTImageProcessor"}).mean == (0.5, 0.5, 0.5)

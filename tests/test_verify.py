@@ -14,7 +14,7 @@ from vitembed.errors import UsageError
 from vitembed.verify import TOLERANCE, verify
 
 from .conftest import jpeg_bytes, photo, run_cli, save_vit
-from .helpers import _clip, _dinov2, _dinov3, _siglip
+from .helpers import _clip, _dinov2, _dinov3, _siglip, _siglip2_naflex
 
 IMAGENET = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
 
@@ -71,6 +71,15 @@ def _dinov3_ckpt(path):  # its processor exists only for torchvision: verify run
     return path
 
 
+def _dinov2_swiglu_ckpt(path):
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+
+    _dinov2(path, swiglu=True)
+    BitImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56},
+                         **IMAGENET).save_pretrained(path)
+    return path
+
+
 def _siglip_ckpt(path):
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -92,7 +101,10 @@ KINDS = {
 NEW_KINDS = {
     "dinov3": ("dinov3-vits16", _dinov3_ckpt, {"cls", "head"}, set()),
     "siglip-whole": ("siglip-base-patch16-224", _siglip_ckpt, {"head"}, set()),
+    "siglip2-naflex": ("siglip2-base-patch16-naflex", lambda p: _siglip2_naflex(p, whole=True), {"head"}, set()),
+    "dinov2-giant": ("dinov2-giant", lambda p: _dinov2_swiglu_ckpt(p), {"cls", "head"}, set()),
 }
+KINDS.update(NEW_KINDS)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +114,7 @@ def ckpts(tmp_path_factory):
 
     def get(kind: str) -> Path:
         if kind not in made:
-            made[kind] = {**KINDS, **NEW_KINDS}[kind][1](root / kind)
+            made[kind] = KINDS[kind][1](root / kind)
         return made[kind]
 
     return get
@@ -131,6 +143,9 @@ def _check_good(items: list[dict], pooled: set[str]) -> None:
         assert set(item) >= {"item", "name", "max_abs", "cosine_mean", "cosine_min", "ok"}
         assert item["ok"] is True
         assert 0 <= item["max_abs"] < TOLERANCE
+        if item["name"] == "spatial_shapes":  # NaFlex: each image's grid, equal or not
+            assert item["equal"] is True and item["max_abs"] == 0
+            continue
         assert 1 - 1e-6 < item["cosine_min"] <= item["cosine_mean"] < 1 + 1e-6
     assert items[0]["name"] == "pixel_values" and items[0]["equal"] is True and items[0]["max_abs"] == 0
     assert [i["name"] for i in items if i["item"] == "layer"] == ["embeddings", "1", "last"]  # depth 3: block 1
@@ -153,9 +168,9 @@ def test_cli_exit_0_on_a_good_checkpoint_of_every_family(ckpts, images, kind):
     assert "verify: ok" in r.stderr.decode()
 
 
-@pytest.mark.parametrize("kind", list(KINDS) + list(NEW_KINDS))
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_library_ok_on_every_family(ckpts, images, kind):
-    model, _, pooled, skipped = {**KINDS, **NEW_KINDS}[kind]
+    model, _, pooled, skipped = KINDS[kind]
     report = verify(model, ckpts(kind), images=images[:2])
     assert report.ok, [row for row in report.rows if not row.ok]
     _check_good([row.as_json() for row in report.rows], pooled)
@@ -250,3 +265,12 @@ def test_synthetic_images_layers_and_errors(ckpts):
         verify(weights=ckpts("vit"), pool="cls")
     bigger = verify(weights=ckpts("vit"), image_size=48)  # another input size: shapes differ, said so
     assert not bigger.ok and "shapes differ" in bigger.rows[0].note
+
+
+def test_naflex_mean_override_exit_1(ckpts, images):
+    r = run_cli("verify", *map(str, images), "--model", "siglip2-base-patch16-naflex", "--weights",
+                str(ckpts("siglip2-naflex")), "--mean", "0.4,0.4,0.4", "--json")
+    assert r.returncode == 1
+    items, summary = _lines(r.stdout)
+    assert items[0]["name"] == "pixel_values" and items[0]["equal"] is False and abs(items[0]["max_abs"] - 0.2) < 1e-6
+    assert "pixels pixel_values" in summary["failed"]

@@ -237,6 +237,9 @@ BACKENDS = ("pil", "torch")
 TORCH_INTERPOLATIONS = ("bilinear", "bicubic")  # what F.interpolate antialiases
 # Image processors that rescale to [0, 1] before resizing, on float tensors (their ``_preprocess``).
 RESCALE_FIRST_PROCESSORS = ("DINOv3ViTImageProcessor", "DINOv3ViTImageProcessorFast")
+# Processors whose mean and std default to ImageNet's when their config leaves them out (the others: 0.5).
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+DEFAULT_STATS = {name: _IMAGENET for name in RESCALE_FIRST_PROCESSORS}
 
 # Bounds of the preprocessing, far beyond any published checkpoint (DINOv2 resizes to 256 and crops
 # 224, SigLIP goes up to 512, ViT up to 518 at crop 1.0): a larger size is a mistake, and would
@@ -472,9 +475,10 @@ class PreprocessConfig:
             if resample not in codes:
                 raise CheckpointError(f"{source}: unknown resample {resample!r}")
             normalize = hf.get("do_normalize", True)
-            mean = tuple(hf.get("image_mean", (0.5, 0.5, 0.5))) if normalize else (0.0, 0.0, 0.0)
-            std = tuple(hf.get("image_std", (0.5, 0.5, 0.5))) if normalize else (1.0, 1.0, 1.0)
             kind = hf.get("image_processor_type", "")
+            default_mean, default_std = DEFAULT_STATS.get(kind, ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+            mean = tuple(hf.get("image_mean", default_mean)) if normalize else (0.0, 0.0, 0.0)
+            std = tuple(hf.get("image_std", default_std)) if normalize else (1.0, 1.0, 1.0)
             return cls(
                 backend="torch" if kind in RESCALE_FIRST_PROCESSORS else "pil",
                 image_size=image_size,

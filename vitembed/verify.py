@@ -214,8 +214,6 @@ def verify(model: str | os.PathLike | None = None, weights: Any = None, images: 
 
     encoder = Encoder(options=dataclasses.replace(options, weights=resolved), encoding=EncodingOptions())
     cfg = encoder.weights.config
-    if getattr(cfg, "naflex", False):
-        raise UsageError("verify compares fixed-size inputs; a NaFlex checkpoint (one grid per image) is not supported yet")
     layers = [layers] if isinstance(layers, (str, int)) else list(layers or ())
     if not layers:
         layers = ["embeddings", str(max(1, cfg.depth // 2)), "last"]
@@ -227,6 +225,8 @@ def verify(model: str | os.PathLike | None = None, weights: Any = None, images: 
         layer_index(name, cfg.depth)
         if name not in names:
             names.append(name)
+    if cfg.naflex:
+        return _compare_naflex(encoder, reference, _inputs(images), names)
     return _compare(encoder, reference, _inputs(images), names)
 
 
@@ -568,3 +568,46 @@ def _compare(encoder: Any, reference: _Reference, images: list[tuple[str, Any]],
                 rows.append(_row("pooled", mode, output, got, want, "row"))
     return VerifyReport(rows, skipped, encoder.model_name, encoder.family.name, encoder.weights.source,
                         reference.description, used, len(images), [n for n, _ in images])
+
+
+def _compare_naflex(encoder: Any, reference: _Reference, images: list[tuple[str, Any]], names: list[str]) -> VerifyReport:
+    """As ``_compare`` for SigLIP 2 NaFlex: both sides batch the images padded to
+    ``max_num_patches`` (the reference with ``pixel_attention_mask`` and ``spatial_shapes``); the
+    patches are compared whole (padding included), tokens over each image's real patches only."""
+    import torch
+
+    from .model import token_mask
+    from .preprocess import normalize_patches
+
+    if not isinstance(reference, _TransformersReference) or reference.processor is None:
+        raise UsageError("verify: a NaFlex checkpoint needs its transformers reference and its Siglip2ImageProcessor "
+                         "(preprocessor_config.json)")
+    rows: list[Row] = []
+    with torch.inference_mode():
+        batch = encoder.collate([encoder.pixels(image) for _, image in images])
+        ours_px, grids = normalize_patches(batch, encoder.stats, torch.float32)
+        inputs = reference.processor(images=[_decoded(encoder, image) for _, image in images], do_convert_rgb=True,
+                                     return_tensors="pt")
+        rows.append(_row("pixels", "pixel_values", "pixel_values", ours_px, inputs["pixel_values"].float(), "row",
+                         exact=True))
+        same_grids = torch.equal(grids.cpu(), inputs["spatial_shapes"].long())
+        rows.append(Row("pixels", "spatial_shapes", "spatial_shapes", 0.0 if same_grids else None, None, None,
+                        same_grids, same_grids, note="" if same_grids else "the patch grids differ"))
+        mask = token_mask(grids, ours_px.shape[1])
+        ours = encoder.model(ours_px, layers=tuple(dict.fromkeys([*names, "last"])), grids=grids)
+        out = reference.tower(pixel_values=inputs["pixel_values"], pixel_attention_mask=inputs["pixel_attention_mask"],
+                              spatial_shapes=inputs["spatial_shapes"], output_hidden_states=True)
+        real = inputs["pixel_attention_mask"].bool()
+        for name in names:
+            want = out.last_hidden_state if name == "last" else out.hidden_states[0 if name == "embeddings" else int(name)]
+            label = "last_hidden_state" if name == "last" else f"hidden_states[{0 if name == 'embeddings' else name}]"
+            if not same_grids:
+                rows.append(Row("layer", name, label, None, None, None, False, note="the patch grids differ"))
+                continue
+            rows.append(_row("layer", name, label, ours[name][mask][None], want[real][None], "token"))
+        family = encoder.family
+        if getattr(out, "pooler_output", None) is not None and same_grids:
+            got = family.pool(encoder.model, ours["last"], "head", "last", mask=mask)
+            rows.append(_row("pooled", "head", "pooler_output", got, out.pooler_output, "row"))
+    return VerifyReport(rows, [], encoder.model_name, family.name, encoder.weights.source, reference.description,
+                        "own", len(images), [n for n, _ in images])
