@@ -223,3 +223,13 @@ def test_a_failed_encode_stops_its_threads(images, encoder, tmp_path):
         with pytest.raises(InputError):
             encoder.encode([bad, images / "a.png", images / "b.jpg"], batch_size=1)
     assert threading.active_count() == before
+
+
+def test_encode_with_model_as_a_keyword_as_the_readme_shows(images, tmp_path):
+    """Found by a new user: encode(..., model=..., weights=...) raised a TypeError."""
+    import vitembed
+
+    summary = vitembed.encode([images], tmp_path / "emb", model="dinov2-small", weights="random", pack=16)
+    assert summary.encoded == 3 and summary.failed == 0
+    with pytest.raises(vitembed.UsageError, match="given twice"):
+        vitembed.encode([images], tmp_path / "x", "dinov2-small", model="dinov2-small", weights="random")

@@ -233,3 +233,16 @@ def test_dinov3_processor_config_without_mean_and_std_uses_imagenet_as_its_proce
     cfg = PreprocessConfig.from_transformers(config)
     assert (cfg.mean, cfg.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert PreprocessConfig.from_transformers({"image_processor_type": "ViTImageProcessor"}).mean == (0.5, 0.5, 0.5)
+
+
+def test_dinov3_without_registers_loads(tmp_path):
+    """Found by a new user: transformers saves an empty (1, 0, D) register_tokens parameter."""
+    from transformers import DINOv3ViTModel
+
+    ckpt = _dinov3(tmp_path / "d3", registers=0)
+    weights = resolve_weights(get_model_spec("dinov3-vits16"), ckpt)
+    assert weights.config.reg_tokens == 0 and weights.config.num_prefix_tokens == 1
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = DINOv3ViTModel.from_pretrained(ckpt).eval()(pixel_values=x).last_hidden_state
+        assert (build_model(weights)(x)["last"] - want).abs().max() < 1e-5

@@ -159,3 +159,22 @@ def test_each_naflex_entry_loads_a_checkpoint_shaped_like_the_published_one(tmp_
     assert weights.preprocess == spec.preprocess
     encoder = vitembed.Encoder(name, tmp_path / name, pool="head")
     assert encoder.encode([np.asarray(photo(300, 100))]).shape == (1, 32)
+
+
+@pytest.mark.parametrize("budget", [9, 64])
+def test_naflex_with_another_patch_budget_matches_transformers(tmp_path, budget):
+    """Found by a new user: a max_num_patches other than the position grid's (here 16) resampled the
+    grid to sqrt(budget) first; the learned grid must be resized to each image's grid only."""
+    from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+
+    ckpt = _siglip2_naflex(tmp_path / "n")
+    Siglip2ImageProcessorPil(patch_size=4, max_num_patches=budget).save_pretrained(ckpt)
+    paths = _images(tmp_path)
+    inputs, ref = _reference(ckpt, paths)
+    encoder = vitembed.Encoder("siglip2-base-patch16-naflex", ckpt)
+    assert "pos_embed_resampled_from" not in encoder.metadata()
+    for i, tokens in enumerate(encoder.encode(paths)):
+        n = int(inputs["pixel_attention_mask"][i].sum())
+        assert (tokens - ref.last_hidden_state[i, :n]).abs().max() < 1e-5
+    with pytest.raises(vitembed.UsageError, match="sizes each image itself"):
+        vitembed.Encoder("siglip2-base-patch16-naflex", ckpt, image_size=64)

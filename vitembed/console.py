@@ -241,7 +241,7 @@ def model_line(spec: Any) -> str:
     resize = (f"{pre.resize} {pre.resize_to}{f' crop {pre.image_size}' if pre.crop else ''} {pre.interpolation}"
               f"{' (float)' if pre.backend == 'torch' else ''}")
     shape, head = f"{row['tokens']}x{row['hidden_size']}", row["head_size"] or "-"
-    return (f"{spec.name:<34} {spec.family:<6} {spec.variant:<8} {shape:<9} "
+    return (f"{spec.name:<34} {spec.family:<6} {spec.variant:<9} {shape:<9} "
             f"prefix={row['prefix_tokens']:<2} head={head:<5} {resize} "
             f"mean={list(pre.mean)} std={list(pre.std)}  {spec.repo}")
 

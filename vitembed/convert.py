@@ -168,6 +168,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], source: str = "checkpoint"
             else:
                 raise CheckpointError(f"{source}: unexpected key {key!r} in a {fmt} checkpoint")
         out[key] = value
+    if "reg_token" in out and out["reg_token"].dim() == 3 and out["reg_token"].shape[1] == 0:
+        del out["reg_token"]  # DINOv3 without registers still saves an empty (1, 0, D) parameter
     # CLIP keeps the class token as (D,), CLIP and SigLIP the position embedding as a (T, D) table.
     if "cls_token" in out and out["cls_token"].dim() == 1:
         out["cls_token"] = out["cls_token"].reshape(1, 1, -1)

@@ -67,7 +67,11 @@ def encode(
     fields = {k: v for k, v in run_fields.items() if k in run_names}
     others = {k: v for k, v in run_fields.items() if k not in run_names}
     if not isinstance(encoder, Encoder):
-        encoder = Encoder(encoder or DEFAULT_MODEL, **others)
+        if encoder is not None and "model" in others:
+            raise UsageError("encode(): the model was given twice (as encoder= and model=)")
+        if encoder is not None:
+            others["model"] = encoder
+        encoder = Encoder(**{"model": DEFAULT_MODEL, **others})
     elif others:
         raise UsageError(f"encode(): {', '.join(sorted(others))} cannot be given with encoder= (Encoder options go "
                          "to vitembed.Encoder; encode() takes RunOptions fields)")

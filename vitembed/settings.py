@@ -61,6 +61,10 @@ def encoder_metadata(encoder: Any) -> dict[str, str]:
     }
     if cfg.naflex:  # each output records its own grid and token count
         meta.update(grid="naflex", tokens=f"<={pre.max_num_patches}", max_num_patches=str(pre.max_num_patches))
+    if cfg.mlp != "mlp":  # gated (SwiGLU): act above is not used
+        meta["mlp"] = cfg.mlp
+    if cfg.rope:
+        meta["pos_embed"] = "rope"
     if pre.backend != "pil":  # rescaled to float before the resize (DINOv3)
         meta["resize_backend"] = pre.backend
     if enc.normalize:

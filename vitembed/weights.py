@@ -71,8 +71,9 @@ class ResolvedWeights:
         """
         if image_size is None or image_size == self.config.image_size:
             return self
-        from .errors import UsageError
-
+        if self.config.naflex:
+            raise UsageError(f"--image-size {image_size}: a NaFlex model sizes each image itself, to at most "
+                             f"{self.preprocess.max_num_patches} patches (its preprocessor_config.json's max_num_patches)")
         if image_size < 1 or image_size % self.config.patch_size:
             raise UsageError(
                 f"--image-size {image_size}: must be a positive multiple of the patch size {self.config.patch_size}"
@@ -150,6 +151,8 @@ def _for_checkpoint(
         if family.preprocess_at_config_size:
             preprocess = preprocess.at_image_size(config.image_size)
     weights = ResolvedWeights(source, config, preprocess, file, sha256_file(file))
+    if config.naflex:  # each image gets its own grid, the learned one resized to it: nothing to resample
+        return weights
     try:
         return weights.at_image_size(preprocess.image_size)
     except UsageError as e:
