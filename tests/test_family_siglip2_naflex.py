@@ -178,3 +178,20 @@ def test_naflex_with_another_patch_budget_matches_transformers(tmp_path, budget)
         assert (tokens - ref.last_hidden_state[i, :n]).abs().max() < 1e-5
     with pytest.raises(vitembed.UsageError, match="sizes each image itself"):
         vitembed.Encoder("siglip2-base-patch16-naflex", ckpt, image_size=64)
+
+
+def test_position_grid_resize_is_the_references_to_the_bit():
+    """Found with a 9-patch budget: F.interpolate's antialiased bilinear differs from the reference
+    for one-column grids (3x1 by 1.3); the reference's explicit weights are what NaFlex uses."""
+    from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
+
+    from vitembed.model import grid_pos_embed
+
+    torch.manual_seed(0)
+    for side in (4, 16):
+        pos = torch.randn(1, side * side, 8)
+        for h, w in [(3, 1), (1, 3), (1, 1), (8, 2), (5, 7), (16, 16), (33, 7), (2, 40)]:
+            want = Siglip2VisionEmbeddings.resize_positional_embeddings(pos[0].reshape(side, side, 8),
+                                                                         torch.tensor([[h, w]]), h * w + 3)
+            got = grid_pos_embed(pos, torch.tensor([[h, w]]), h * w + 3)
+            assert torch.equal(got[:, : h * w], want[:, : h * w]), (side, h, w)

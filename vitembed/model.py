@@ -55,18 +55,33 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
 
 
+def _linear_weights(size: int, grid: int) -> torch.Tensor:
+    """(size, grid) float32: bilinear resampling weights with antialiasing from ``grid`` to ``size``
+    samples (a triangle filter widened by the scale when shrinking; centres at half pixels, as
+    ``F.interpolate(mode="bilinear", align_corners=False, antialias=True)`` defines them)."""
+    scale = grid / size
+    centre = (torch.arange(size, dtype=torch.float32) + 0.5) * scale - 0.5  # (size,)
+    source = torch.arange(grid, dtype=torch.float32)
+    weights = (1 - (source[None, :] - centre[:, None]).abs() / max(scale, 1.0)).clamp(min=0)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
 def grid_pos_embed(pos_embed: torch.Tensor, grids: torch.Tensor, length: int) -> torch.Tensor:
     """SigLIP 2 NaFlex: the learned square grid of position embeddings (1, G * G, D) resized to each
-    image's grid (h, w) (bilinear with antialiasing, in float32, as ``Siglip2VisionEmbeddings``) and
-    padded with zeros to ``length`` rows: (B, length, D) in ``pos_embed``'s dtype."""
+    image's grid (h, w) and padded with zeros to ``length`` rows: (B, length, D) in ``pos_embed``'s dtype.
+
+    Bilinear with antialiasing, one axis at a time in float32, as ``Siglip2VisionEmbeddings``
+    computes it (its explicit weights; ``F.interpolate`` differs for one-column grids).
+    """
     G, D = math.isqrt(pos_embed.shape[1]), pos_embed.shape[2]
-    square = pos_embed[0].float().reshape(G, G, D).permute(2, 0, 1)[None]  # (1, D, G, G)
+    square = pos_embed[0].float().reshape(G * G, D)
     out = pos_embed.new_zeros((len(grids), length, D))
     resized: dict[tuple[int, int], torch.Tensor] = {}
     for i, (h, w) in enumerate(grids.tolist()):
         if (h, w) not in resized:
-            image = F.interpolate(square, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-            resized[h, w] = image[0].permute(1, 2, 0).reshape(h * w, D).to(pos_embed.dtype)
+            rows, columns = _linear_weights(h, G), _linear_weights(w, G)  # (h, G), (w, G)
+            weights = (rows[:, None, :, None] * columns[None, :, None, :]).reshape(h * w, G * G)
+            resized[h, w] = (weights.to(square.device) @ square).to(pos_embed.dtype)  # (h * w, D)
         out[i, : h * w] = resized[h, w]
     return out
 
