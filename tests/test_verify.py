@@ -152,8 +152,9 @@ def _check_good(items: list[dict], pooled: set[str]) -> None:
     assert {i["name"] for i in items if i["item"] == "pooled"} == pooled
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_cli_exit_0_on_a_good_checkpoint_of_every_family(ckpts, images, kind):
+@pytest.mark.parametrize("kind", ["vit", "clip-vision", "clip-whole", "dinov3", "siglip2-naflex"])
+def test_cli_exit_0_on_a_good_checkpoint(ckpts, images, kind):
+    """The CLI on a few families (each run is a process); the library runs every family below."""
     model, _, pooled, skipped = KINDS[kind]
     r = run_cli("verify", *map(str, images), "--model", model, "--weights", str(ckpts(kind)), "--json")
     assert r.returncode == 0, r.stderr.decode()
