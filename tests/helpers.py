@@ -84,10 +84,7 @@ def _clip(path, whole: bool = False, projection: bool = False):
         model = CLIPVisionModelWithProjection(CLIPVisionConfig(projection_dim=40, **vision))
     else:
         model = CLIPVisionModel(CLIPVisionConfig(**vision))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.eval().save_pretrained(path)
+    _spread_and_save(model, path)
     return path
 
 
@@ -102,10 +99,7 @@ def _dinov2(path, registers: int = 0, swiglu: bool = False):
         if registers
         else Dinov2Model(Dinov2Config(**kw))
     )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.eval().save_pretrained(path)
+    _spread_and_save(model, path)
     return path
 
 
@@ -121,10 +115,7 @@ def _siglip(path, whole: bool = False, head: bool = True, image_size: int = 32, 
         model = SiglipModel(SiglipConfig(vision_config=vision, text_config=text))
     else:
         model = SiglipVisionModel(SiglipVisionConfig(**vision))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.eval().save_pretrained(path)
+    _spread_and_save(model, path)
     return path
 
 
@@ -137,10 +128,7 @@ def _dinov3(path, gated: bool = False, registers: int = 4, image_size: int = 32)
                              image_size=image_size, patch_size=8, num_register_tokens=registers,
                              use_gated_mlp=gated, hidden_act="silu" if gated else "gelu")
     model = DINOv3ViTModel(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.eval().save_pretrained(path)
+    _spread_and_save(model, path)
     return path
 
 
@@ -158,9 +146,15 @@ def _siglip2_naflex(path, whole: bool = False, num_patches: int = 16, patch_size
         model = Siglip2Model(Siglip2Config(vision_config=vision, text_config=text))
     else:
         model = Siglip2VisionModel(Siglip2VisionConfig(**vision))
+    _spread_and_save(model, path)
+    Siglip2ImageProcessorPil(patch_size=patch_size, max_num_patches=num_patches).save_pretrained(path)
+    return path
+
+
+def _spread_and_save(model, path) -> None:
+    """Spread a freshly initialised transformers model's parameters (so every block changes the
+    tokens visibly; from the global RNG, seeded by the caller) and save_pretrained it to ``path``."""
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     model.eval().save_pretrained(path)
-    Siglip2ImageProcessorPil(patch_size=patch_size, max_num_patches=num_patches).save_pretrained(path)
-    return path

@@ -18,7 +18,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from .config import PreprocessConfig
+from .preprocess_config import PreprocessConfig
 from .decode import DecodeOptions, decode_image
 from .errors import InputError
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .families import ModelSpec
-from .config import PreprocessConfig, ViTConfig
+from .config import ViTConfig
+from .preprocess_config import PreprocessConfig
 from .errors import CheckpointError, UsageError, WeightsNotFoundError, shown
 
 RANDOM = "random"

@@ -21,7 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import PreprocessConfig, ViTConfig
+from ..config import ViTConfig
+from ..preprocess_config import PreprocessConfig
 from ..errors import UsageError
 
 POOLS = ("none", "cls", "mean", "patch", "head")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import PreprocessConfig
+from ..preprocess_config import PreprocessConfig
 from ..errors import CheckpointError, UsageError
 from .base import CheckpointLayout, Family, ModelSpec
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import PreprocessConfig
+from ..preprocess_config import PreprocessConfig
 from .base import CheckpointLayout, Family, ModelSpec
 
 # facebook/deit-*: transformers DeiTImageProcessor, squash-resize to 256 bicubic, centre crop 224,

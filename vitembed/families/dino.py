@@ -8,7 +8,7 @@ code: shorter side to 256 bicubic, centre crop 224, ImageNet mean/std.
 
 from __future__ import annotations
 
-from ..config import PreprocessConfig
+from ..preprocess_config import PreprocessConfig
 from .base import Family, ModelSpec
 
 PREPROCESS = PreprocessConfig(

@@ -25,7 +25,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import PreprocessConfig
+from ..preprocess_config import PreprocessConfig
 from ..errors import CheckpointError
 from .base import CheckpointLayout, Family, ModelSpec
 

@@ -7,7 +7,7 @@ block's output after the final LayerNorm (``last_hidden_state``); ``cls`` takes 
 
 from __future__ import annotations
 
-from ..config import PreprocessConfig
+from ..preprocess_config import PreprocessConfig
 from .base import CheckpointLayout, Family, ModelSpec
 
 # google/vit-*: transformers ViTImageProcessor, squash-resize 224 bilinear, mean = std = 0.5.
