@@ -12,6 +12,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Annotated, Optional
 
 import typer
@@ -20,7 +21,7 @@ from . import __version__
 from .catalog import CATALOG, DEFAULT_MODEL
 from .console import StdoutClosed, out, say, stderr
 from .errors import InputError, VitembedError
-from .options import DTYPES, FORMATS, POOLS, SAVE_DTYPES
+from .options import DTYPES, ENGINES, FORMATS, POOLS, SAVE_DTYPES
 
 app = typer.Typer(
     add_completion=False,
@@ -36,8 +37,9 @@ def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
     return Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
 
 
-Pool, DType, SaveDType, Format = (_choices(n, v) for n, v in
-                                  (("Pool", POOLS), ("DType", DTYPES), ("SaveDType", SAVE_DTYPES), ("Format", FORMATS)))
+Pool, DType, SaveDType, Format, Engine = (
+    _choices(n, v) for n, v in
+    (("Pool", POOLS), ("DType", DTYPES), ("SaveDType", SAVE_DTYPES), ("Format", FORMATS), ("Engine", ENGINES)))
 
 
 def _opt(help: str, *names: str, default_shown: bool = False, **kwargs):
@@ -45,7 +47,7 @@ def _opt(help: str, *names: str, default_shown: bool = False, **kwargs):
 
 
 # The flags of `vitembed encode`, one line each; ModelOptions, EncodingOptions and RunOptions say what each means.
-Inputs = Annotated[list[str], typer.Argument(help="Image files, directories (searched recursively), or - for paths on stdin.", show_default=False)]
+Inputs = Annotated[Optional[list[str]], typer.Argument(help="Image files, directories (searched recursively), WebDataset .tar shards (also as shards/{00000..00099}.tar), or - for paths on stdin.", show_default=False)]
 Out = Annotated[str, _opt("Output directory.", "--out", "-o")]
 Model = Annotated[str, _opt(f"Model name ({', '.join(CATALOG)}).", default_shown=True)]
 Weights = Annotated[Optional[str], _opt("Checkpoint directory (config.json + model.safetensors or pytorch_model.bin), a .safetensors/.bin file (architecture from --model), or 'random'.")]
@@ -77,6 +79,14 @@ ListOnly = Annotated[bool, _opt("Print the planned input -> output pairs and exi
 MaxPixels = Annotated[Optional[int], _opt("Refuse images with more pixels than this [default: 178956970, twice Pillow's MAX_IMAGE_PIXELS].")]
 AsJson = Annotated[bool, _opt("One JSON object per input on stdout.", "--json")]
 Verbose = Annotated[bool, _opt("With --list: also name the files a folder walk passed over as not images.", "--verbose", "-v")]
+FromTable = Annotated[Optional[str], _opt("Read input paths from a table: .parquet (needs pyarrow), .csv or .jsonl.", "--from-table")]
+Column = Annotated[str, _opt("The --from-table column holding the paths.", default_shown=True)]
+RelativeTo = Annotated[Optional[str], _opt("Key every input by its path relative to this folder (a folder walk, stdin and a table then give one file one output).")]
+EngineOpt = Annotated[Engine, _opt("local: threads here; ray: Ray Data on the cluster RAY_ADDRESS or --ray-address names (a local Ray instance when none).", "--engine", default_shown=True)]
+RayAddress = Annotated[Optional[str], _opt("--engine ray: the cluster's address [default: $RAY_ADDRESS, else a local Ray instance].")]
+Actors = Annotated[Optional[int], _opt("--engine ray: model actors [default: one per GPU; one CPU actor per node without GPUs].")]
+DecodeCpus = Annotated[float, _opt("--engine ray: CPUs each decode task reserves.", default_shown=True)]
+ActorCpus = Annotated[Optional[float], _opt("--engine ray: CPUs each model actor reserves [default: 1 with a GPU; else the node's CPUs less one decode task].")]
 Quiet = Annotated[bool, _opt("No panel or progress on stderr (warnings, errors and the summary line stay).", "--quiet", "-q")]
 
 
@@ -95,30 +105,33 @@ def _root(
 
 @app.command()
 def encode(
-    inputs: Inputs, out_dir: Out, model: Model = DEFAULT_MODEL, weights: Weights = None, seed: Seed = 0,
+    out_dir: Out, inputs: Inputs = None, model: Model = DEFAULT_MODEL, weights: Weights = None, seed: Seed = 0,
     layer: Layer = "last", pool: PoolOpt = Pool.none, normalize: Normalize = False, image_size: ImageSize = None, resize: Resize = None,
     interpolation: Interpolation = None, crop_pct: CropPct = None, mean: Mean = None, std: Std = None,
     fmt: FormatOpt = Format.safetensors, batch_size: BatchSize = 32, device: Device = "auto", dtype: DTypeOpt = DType.auto,
     save_dtype: SaveDTypeOpt = SaveDType.float32, compile: Compile = False, pack: Pack = None, workers: Workers = None,
     background: Background = "255,255,255", allow_truncated: AllowTruncated = False, null: Null = False,
     overwrite: Overwrite = False, fail_fast: FailFast = False, shard: Shard = None, list_only: ListOnly = False,
-    max_pixels: MaxPixels = None, as_json: AsJson = False, verbose: Verbose = False, quiet: Quiet = False,
+    max_pixels: MaxPixels = None, from_table: FromTable = None, column: Column = "path", relative_to: RelativeTo = None,
+    engine: EngineOpt = Engine.local, ray_address: RayAddress = None, actors: Actors = None, decode_cpus: DecodeCpus = 1.0,
+    actor_cpus: ActorCpus = None, as_json: AsJson = False, verbose: Verbose = False, quiet: Quiet = False,
 ) -> None:
     """Encode images into embeddings under --out: one file per image, or N per file with --pack N."""
     from . import console
-    from .options import EncodingOptions, ModelOptions, RunOptions
+    from .options import EncodingOptions, ModelOptions, RayOptions, RunOptions
 
     _quiet_pillow()
     terminated = _stop_on_sigterm()
     try:
-        inputs, stdin_paths = _stdin_inputs(inputs, null)
+        inputs, stdin_paths = _stdin_inputs(inputs or [], null, from_table, column)
         options = ModelOptions(model=model, weights=weights, seed=seed, image_size=image_size, resize=resize,
                                interpolation=interpolation, crop_pct=crop_pct, mean=mean, std=std, device=device,
                                dtype=dtype.value, compile=compile)
         encoding = EncodingOptions(layer=layer, pool=pool.value, normalize=normalize, save_dtype=save_dtype.value, background=background,
                                    allow_truncated=allow_truncated, max_pixels=max_pixels)
         run = RunOptions(format=fmt.value, pack=pack, batch_size=batch_size, workers=workers, overwrite=overwrite,
-                         fail_fast=fail_fast, shard=shard)
+                         fail_fast=fail_fast, shard=shard, relative_to=relative_to, engine=engine.value,
+                         ray=RayOptions(address=ray_address, actors=actors, decode_cpus=decode_cpus, actor_cpus=actor_cpus))
         summary, encoder, out_dir = _encode(inputs, stdin_paths, out_dir, options, encoding, run,
                                             list_only=list_only, as_json=as_json, verbose=verbose, quiet=quiet)
     except VitembedError as e:
@@ -160,8 +173,13 @@ def _encode(inputs, stdin_paths, out_dir, options, encoding, run, *, list_only: 
         from huggingface_hub.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+    cluster = None
+    if run.engine == "ray":  # reach the cluster (and lay out the actors) before loading anything
+        from .engines.ray import connect
+
+        cluster = connect(run.ray)
     encoder = Encoder(options=options, encoding=encoding, progress=not quiet and err.is_terminal)
-    console.start_panel(err, encoder, run.workers or usable_cores(), plan.out_dir, run.pack)
+    console.start_panel(err, encoder, run.workers or usable_cores(), plan.out_dir, run.pack, cluster)
     with console.EncodeProgress(err, total=len(plan), enabled=not quiet) as progress:
         summary = encode_plan(plan, encoder, layout, run, console.EncodeReport(err, progress, as_json))
     return summary, encoder, plan.out_dir
@@ -186,17 +204,27 @@ def _quiet_pillow() -> None:
     warnings.showwarning = show_warning
 
 
-def _stdin_inputs(inputs: list[str], null: bool) -> tuple[list[str], list[str]]:
-    """(the inputs without ``-``, the paths read from stdin when ``-`` is among them)."""
+def _stdin_inputs(inputs: list[str], null: bool, table: str | None = None, column: str = "path"):
+    """(the inputs without ``-``, the paths read from stdin when ``-`` is among them, then those of
+    the table ``--from-table``, read as planning goes)."""
+    import itertools
+
     from .errors import UsageError
     from .inputs import read_path_list
 
     if null and "-" not in inputs:
         raise UsageError("-0/--null applies to paths read from stdin: add - to the inputs "
                          "(find DIR -print0 | vitembed encode -0 - --out OUT)")
+    if not inputs and table is None:
+        raise UsageError("no inputs: name image files, folders or .tar shards, - for paths on stdin, or --from-table FILE")
+    rows: Iterable[str] = ()
+    if table is not None:
+        from .tables import read_table_paths
+
+        rows = read_table_paths(table, column)
     if "-" not in inputs:
-        return inputs, []
-    return [i for i in inputs if i != "-"], read_path_list(sys.stdin.buffer, null_separated=null)
+        return inputs, rows
+    return [i for i in inputs if i != "-"], itertools.chain(read_path_list(sys.stdin.buffer, null_separated=null), rows)
 
 
 class _Terminated(KeyboardInterrupt):

@@ -50,8 +50,9 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
     say(f"warning: {message}")
 
 
-def start_panel(console: Console, encoder, workers: int, out: Path, pack: int | None = None) -> None:
-    """Device, torch version, dtype, threads, model and weights, in one panel."""
+def start_panel(console: Console, encoder, workers: int, out: Path, pack: int | None = None, cluster=None) -> None:
+    """Device, torch version, dtype, threads, model and weights, in one panel; with ``cluster``
+    (``engines.ray.Cluster``) the Ray cluster's nodes, GPUs and actors in place of the local threads."""
     import torch
 
     w = encoder.weights
@@ -67,7 +68,8 @@ def start_panel(console: Console, encoder, workers: int, out: Path, pack: int | 
         ("device", f"{encoder.device}  torch {torch.__version__}"),
         ("dtype", f"compute {encoder.dtype_name}, save {encoder.save_dtype_name}"),
         ("model run", "torch.compile" if encoder.compiled else "eager" + (", oneDNN packed linears" if encoder.packed else "")),
-        ("threads", "model {} x {} torch threads, decode {}".format(*encoder.thread_layout(), workers)),
+        ("threads", "model {} x {} torch threads, decode {}".format(*encoder.thread_layout(), workers))
+        if cluster is None else ("ray", cluster.describe()),
         ("output", shown(out) + (f" (parts of {pack} + index.jsonl)" if pack else " (one file per image)")),
     ]
     for key, value in rows:

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
+from .shards import TarMember
 
 WHITE = (255, 255, 255)
 
@@ -87,11 +88,12 @@ def _lift_pillow_limit(limit: int) -> None:
             Image.MAX_IMAGE_PIXELS = -(-limit // 2)
 
 
-def open_image(path: str | os.PathLike, max_pixels: int | None = None, allow_truncated: bool = False) -> Image.Image:
+def open_image(path: str | os.PathLike | TarMember, max_pixels: int | None = None, allow_truncated: bool = False) -> Image.Image:
     """Open ``path`` and decode its first frame, in the file's own mode, upright.
 
     Args:
-        path: an image file; the format is detected from its content.
+        path: an image file, or a WebDataset shard's member (``shards.TarMember``); the format is
+            detected from the content.
         max_pixels: refuse images whose header claims more pixels than this,
             before decoding them (None: ``DEFAULT_MAX_PIXELS``, 178,956,970). A
             higher limit lifts Pillow's own refusal (``_lift_pillow_limit``).
@@ -111,35 +113,38 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None, allow_tru
             ``not-an-image`` (also for garbage where Pillow expects a chunk or
             marker name), ``too-large``, ``truncated``.
     """
-    name = os.fspath(path)
-    try:
-        st = os.stat(name)
-    except FileNotFoundError:
-        raise InputError(name, "not-found", "no such file") from None
-    except OSError as e:
-        raise InputError(name, "unreadable", e.strerror or str(e)) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise InputError(name, "unreadable", "not a regular file")
-    if st.st_size == 0:
-        raise InputError(name, "empty", "empty file (0 bytes)")
+    if isinstance(path, TarMember):  # a WebDataset shard's member, read by offset (shards.py)
+        name, source = str(path), io.BytesIO(path.read())
+    else:
+        name = source = os.fspath(path)
+        try:
+            st = os.stat(name)
+        except FileNotFoundError:
+            raise InputError(name, "not-found", "no such file") from None
+        except OSError as e:
+            raise InputError(name, "unreadable", e.strerror or str(e)) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(name, "unreadable", "not a regular file")
+        if st.st_size == 0:
+            raise InputError(name, "empty", "empty file (0 bytes)")
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     _lift_pillow_limit(limit)
     # Pillow reads this module-wide switch at load time; set it for every image, so each call
     # gets its own setting (two threads decoding with different settings at once would race).
     ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
     try:
-        with Image.open(name) as im:
+        with Image.open(source) as im:
             check_size(name, im.width, im.height, limit)
             im.load()
             image = im
     except InputError:
         raise
     except UnidentifiedImageError:
-        if _is_heif(name) and not HEIF_SUPPORT:
+        if _is_heif(source) and not HEIF_SUPPORT:
             raise InputError(
                 name, "unsupported", "HEIF/HEIC image: Pillow needs pillow-heif for it (pip install pillow-heif)"
             ) from None
-        if _is_heif(name):
+        if _is_heif(source):
             raise InputError(name, "not-an-image", "HEIF/HEIC file that pillow-heif cannot read") from None
         raise InputError(name, "not-an-image", "cannot identify image format") from None
     except Image.DecompressionBombError as e:  # Pillow's own check on the header, at or above the limit
@@ -150,7 +155,7 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None, allow_tru
         raise InputError(name, "unreadable", e.strerror or str(e)) from None
     except UnicodeDecodeError:  # Pillow reads a PNG chunk type as ASCII: garbage there (read on past
         # a bad chunk under allow_truncated) fails so, from Image.open
-        if _starts_with(name, b"\x89PNG\r\n\x1a\n"):
+        if _starts_with(source, b"\x89PNG\r\n\x1a\n"):
             raise InputError(name, "not-an-image", "corrupt PNG data (a chunk name is not text): not a valid PNG file") from None
         raise InputError(name, "not-an-image", "corrupt image data: not a valid image file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -191,22 +196,25 @@ def upright(image: Image.Image) -> Image.Image:
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
 
 
-def _starts_with(path: str, signature: bytes) -> bool:
+def _head(source: str | io.BytesIO, size: int) -> bytes:
+    """The first ``size`` bytes of a file (by path) or of a member's bytes; b"" if unreadable."""
+    if isinstance(source, io.BytesIO):
+        return source.getvalue()[:size]
+    try:
+        with open(source, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return b""
+
+
+def _starts_with(source: str | io.BytesIO, signature: bytes) -> bool:
     """True if the file's first bytes are ``signature``."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(signature)) == signature
-    except OSError:
-        return False
+    return _head(source, len(signature)) == signature
 
 
-def _is_heif(path: str) -> bool:
+def _is_heif(source: str | io.BytesIO) -> bool:
     """True if the file starts with an ISO BMFF ``ftyp`` box of a HEIF brand."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(32)
-    except OSError:
-        return False
+    head = _head(source, 32)
     return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
 
 
@@ -312,7 +320,7 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
     return image.convert("RGB")
 
 
-def decode_image(path: str | os.PathLike, options: DecodeOptions = DecodeOptions()) -> Image.Image:
+def decode_image(path: str | os.PathLike | TarMember, options: DecodeOptions = DecodeOptions()) -> Image.Image:
     """File -> upright 8-bit RGB PIL image (``open_image`` then ``to_rgb``).
 
     Raises:
@@ -322,4 +330,9 @@ def decode_image(path: str | os.PathLike, options: DecodeOptions = DecodeOptions
     try:
         return to_rgb(image, options.background)
     except InputError as e:
-        raise InputError(os.fspath(path), e.kind, e.reason) from None
+        raise InputError(source_name(path), e.kind, e.reason) from None
+
+
+def source_name(path: str | os.PathLike | TarMember) -> str:
+    """How errors and metadata name an input: the path, or ``<shard>/<member>`` for a tar member."""
+    return str(path) if isinstance(path, TarMember) else os.fspath(path)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .errors import InputError, UsageError, printable, shown
+from .shards import TarMember, expand_braces, is_shard_name, list_members, member_relpath
 
 ROOT_DIR = "_root"
 
@@ -35,11 +36,19 @@ class Job:
         relpath: POSIX path of the output relative to DIR, without the format
             suffix (``sub/cat.jpg``).
         output: ``DIR/relpath.<format>``.
+        member: for a WebDataset shard's member, where it lies in the tar (``shards.TarMember``);
+            ``source`` is then ``<shard>/<member name>``.
     """
 
     source: str
     relpath: str
     output: Path
+    member: TarMember | None = None
+
+    @property
+    def image(self) -> str | TarMember:
+        """What the decode stage opens: the file ``source``, or the shard member."""
+        return self.member if self.member is not None else self.source
 
     @property
     def key(self) -> str:
@@ -123,7 +132,8 @@ def walk_images(
     passed_over: list[str] | None = None,
     exclude: str | os.PathLike | None = None,
 ) -> Iterator[str]:
-    """Image files under ``directory``, recursively, in sorted order (``is_image_name``).
+    """Image files and WebDataset shards (``.tar``) under ``directory``, recursively, in sorted
+    order (``is_image_name``, ``shards.is_shard_name``).
 
     Symlinked folders are followed, each real folder listed once, so symlink
     loops cannot hang the walk. A folder that cannot be listed is appended to
@@ -159,20 +169,31 @@ def walk_images(
         seen.add((st.st_dev, st.st_ino))
         dirs.sort()
         for name in sorted(files):
-            if is_image_name(name):
+            if is_image_name(name) or is_shard_name(name):
                 yield os.path.join(root, name)
             elif passed_over is not None:
                 passed_over.append(os.path.join(root, name))
 
 
-def _safe_relpath(path: str) -> str:
-    """Relative output location for a path read from stdin: as given if it stays inside the
-    current directory, else ``_root/<absolute path>``."""
-    normal = os.path.normpath(path)
+def _safe_relpath(path: str, base: str | None = None) -> str:
+    """Relative output location for a path read from stdin or a table, or for any input under
+    ``--relative-to base``: the path relative to ``base`` (None: as given, relative to the current
+    directory) if it stays inside, else ``_root/<absolute path>``."""
+    normal = os.path.normpath(path) if base is None else os.path.relpath(os.path.abspath(path), os.path.abspath(base))
     if os.path.isabs(normal) or normal == ".." or normal.startswith(".." + os.sep):
         absolute = os.path.abspath(path)
         return str(PurePosixPath(ROOT_DIR, *Path(absolute).parts[1:]))
     return PurePosixPath(*Path(normal).parts).as_posix()
+
+
+def _expanded(inputs: Iterable[str]) -> Iterator[str]:
+    """The inputs, with a brace pattern that names no file (``shards/{00000..00099}.tar``, quoted
+    so that no shell expanded it) replaced by its expansion (``shards.expand_braces``)."""
+    for arg in inputs:
+        if "{" in arg and not os.path.lexists(arg):
+            yield from expand_braces(arg)
+        else:
+            yield arg
 
 
 @dataclass
@@ -238,32 +259,69 @@ def out_path(out_dir: str | os.PathLike) -> Path:
     return Path(out_dir)
 
 
-def plan_jobs(inputs: Iterable[str], out_dir: str | os.PathLike, fmt: str, stdin_paths: Iterable[str] = ()) -> Plan:
+def plan_jobs(
+    inputs: Iterable[str],
+    out_dir: str | os.PathLike,
+    fmt: str,
+    stdin_paths: Iterable[str] = (),
+    relative_to: str | os.PathLike | None = None,
+) -> Plan:
     """Expand inputs into jobs.
 
+    Each input's key (its output path under DIR, without the suffix) is, without ``relative_to``:
+    a file's name for a file named as an input, the path below the folder for a folder walk, and
+    the path as given for a path from stdin or a table (``_root/<absolute path>`` when it is absolute
+    or climbs out of the current directory). With ``relative_to`` every input's key is its path
+    relative to that folder (``_root/...`` outside it), so one file gets one key however it was
+    named: a folder walk, ``find | vitembed encode -`` and a table then resume each other. A
+    WebDataset shard (``.tar``, ``shards.py``) gives one input per image member, keyed
+    ``<the shard's key>/<member name>``; a brace pattern naming no file is expanded first.
+
     Args:
-        inputs: files and directories from the command line (``-`` already replaced
-            by ``stdin_paths``).
+        inputs: files, directories and shards from the command line (``-`` already replaced by
+            ``stdin_paths``).
         out_dir: the output directory DIR.
         fmt: output format, used as the file suffix (``safetensors`` or ``npy``).
-        stdin_paths: paths read from stdin.
+        stdin_paths: paths read from stdin or a table (any iterable; read once, in order).
+        relative_to: the folder keys are relative to (``--relative-to``).
 
     Returns:
         A ``Plan``; each source file is planned once (the same file named twice,
         also through a symlink, is listed in ``duplicates``).
 
     Raises:
-        UsageError: ``out_dir`` is empty (``Path("")`` would be the current folder).
+        UsageError: ``out_dir`` is empty (``Path("")`` would be the current folder), or
+            ``relative_to`` is not a folder.
     """
     out = out_path(out_dir)
+    if relative_to is not None and not os.path.isdir(relative_to):
+        raise UsageError(f"--relative-to {shown(os.fspath(relative_to))}: not a folder")
+    base = None if relative_to is None else os.fspath(relative_to)
     plan = Plan(out)
-    candidates: list[tuple[str, str]] = []
-    for arg in inputs:
+    candidates: list[tuple[str, str, TarMember | None]] = []
+
+    def add_file(path: str, rel: str) -> None:
+        if not is_shard_name(path):
+            candidates.append((path, rel, None))
+            return
+        for member in list_members(path, plan.problems):
+            inner = member_relpath(member.name)
+            if inner is None:
+                plan.problems.append(InputError(str(member), "collision", "member name is absolute or climbs out "
+                                                "(..): its output would lie outside the shard's folder"))
+            else:
+                candidates.append((str(member), f"{rel}/{inner}", member))
+
+    def walk(folder: str, rel_of) -> None:
+        for path in walk_images(folder, plan.problems, plan.passed_over, exclude=out):
+            add_file(path, rel_of(path))
+
+    for arg in _expanded(inputs):
         try:
             is_dir = stat.S_ISDIR(os.stat(arg).st_mode)
         except FileNotFoundError:
             if os.path.islink(arg):  # a dangling symlink: its own input, reported when it is read
-                candidates.append((arg, Path(arg).name))
+                candidates.append((arg, Path(arg).name if base is None else _safe_relpath(arg, base), None))
             else:
                 plan.problems.append(InputError(arg, "not-found", "no such file or directory"))
             continue
@@ -273,17 +331,17 @@ def plan_jobs(inputs: Iterable[str], out_dir: str | os.PathLike, fmt: str, stdin
         except OSError as e:  # a name too long, a symlink loop, a file used as a folder
             plan.problems.append(InputError(arg, "unreadable", e.strerror or str(e)))
             continue
-        if is_dir:
-            for path in walk_images(arg, plan.problems, plan.passed_over, exclude=out):
-                candidates.append((path, PurePosixPath(*Path(os.path.relpath(path, arg)).parts).as_posix()))
+        if is_dir and base is None:
+            walk(arg, lambda path, top=arg: PurePosixPath(*Path(os.path.relpath(path, top)).parts).as_posix())
+        elif is_dir:
+            walk(arg, lambda path: _safe_relpath(path, base))
         else:
-            candidates.append((arg, Path(arg).name))
+            add_file(arg, Path(arg).name if base is None else _safe_relpath(arg, base))
     for path in stdin_paths:
         if os.path.isdir(path):
-            for inner in walk_images(path, plan.problems, plan.passed_over, exclude=out):
-                candidates.append((inner, _safe_relpath(inner)))
+            walk(path, lambda inner: _safe_relpath(inner, base))
         else:
-            candidates.append((path, _safe_relpath(path)))
+            add_file(path, _safe_relpath(path, base))
 
     # Two inputs must differ in their output path and in their key: names that differ only in bytes
     # that are not UTF-8 (k\xff.jpg, raw byte 0xff) and their printed form (the text k\xff.jpg)
@@ -292,9 +350,12 @@ def plan_jobs(inputs: Iterable[str], out_dir: str | os.PathLike, fmt: str, stdin
     by_output: dict[Path, str] = {}
     first_of: dict[str, str] = {}
     suffix = f".{fmt}"
-    for source, rel in candidates:
-        # Only existing regular files are the same file by identity; anything else is its own input.
-        identity = os.path.realpath(source) if os.path.isfile(source) else source
+    for source, rel, member in candidates:
+        # Only existing regular files (and members of one) are the same by identity; anything else is its own input.
+        if member is not None:
+            identity = f"{os.path.realpath(member.shard)}\0{member.name}"
+        else:
+            identity = os.path.realpath(source) if os.path.isfile(source) else source
         if identity in first_of:
             plan.duplicates.append((source, first_of[identity]))
             continue
@@ -318,5 +379,5 @@ def plan_jobs(inputs: Iterable[str], out_dir: str | os.PathLike, fmt: str, stdin
             continue
         by_key[key] = (source, rel)
         by_output[output] = source
-        plan.jobs.append(Job(source, rel, output))
+        plan.jobs.append(Job(source, rel, output, member))
     return plan

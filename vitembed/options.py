@@ -25,8 +25,10 @@ from .families import POOLS
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # compute precision
 SAVE_DTYPES = ("float32", "bfloat16", "float16")  # precision of the saved embeddings
 FORMATS = ("safetensors", "npy")
+ENGINES = ("local", "ray")  # engines/: threads here, or a Ray cluster
 
-__all__ = ["DTYPES", "FORMATS", "POOLS", "SAVE_DTYPES", "EncodingOptions", "ModelOptions", "RunOptions", "split_fields"]
+__all__ = ["DTYPES", "ENGINES", "FORMATS", "POOLS", "SAVE_DTYPES", "EncodingOptions", "ModelOptions", "RayOptions", "RunOptions",
+           "split_fields"]
 
 
 def _choice(value: Any, allowed: tuple[str, ...], option: str) -> None:
@@ -204,6 +206,10 @@ class RunOptions:
         overwrite: re-encode inputs whose outputs exist, also if made with other settings.
         fail_fast: stop at the first input that fails.
         shard: (K, N) or ``"K/N"``: only shard K (0-based) of N, by a stable hash of each output path.
+        relative_to: key every input by its path relative to this folder (``inputs.plan_jobs``), so a
+            folder walk, paths on stdin and a table give one file one output.
+        engine: ``local`` (threads in this process, ``run.py``) or ``ray`` (Ray Data, ``engines/ray.py``).
+        ray: the Ray engine's ``RayOptions`` (None: its defaults).
 
     Raises:
         UsageError: a value outside its allowed set, naming the option.
@@ -216,9 +222,17 @@ class RunOptions:
     overwrite: bool = False
     fail_fast: bool = False
     shard: tuple[int, int] | None = None
+    relative_to: str | None = None
+    engine: str = "local"
+    ray: "RayOptions | None" = None
 
     def __post_init__(self) -> None:
         _choice(self.format, FORMATS, "--format")
+        _choice(self.engine, ENGINES, "--engine")
+        if self.relative_to is not None and not isinstance(self.relative_to, (str, os.PathLike)):
+            raise UsageError(f"--relative-to must be a folder's path (got {self.relative_to!r})")
+        if self.ray is not None and not isinstance(self.ray, RayOptions):
+            raise UsageError(f"ray= takes a vitembed.RayOptions (got {type(self.ray).__name__})")
         _count(self.pack, "--pack")
         if self.pack is not None and self.format != "safetensors":
             raise UsageError("--pack writes safetensors part files; it cannot be used with --format npy")
@@ -228,6 +242,34 @@ class RunOptions:
         _flag(self.fail_fast, "--fail-fast")
         if self.shard is not None:
             object.__setattr__(self, "shard", _shard(self.shard))
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the Ray engine (``--engine ray``, ``engines/ray.py``) lays out its work.
+
+    Attributes:
+        address: the cluster (``--ray-address``; None: ``RAY_ADDRESS``, else a local Ray instance).
+        actors: model actors (None: one per GPU in the cluster, or ``CPU_ACTORS`` CPU actors when it
+            has none).
+        decode_cpus: CPUs each decode + preprocess task reserves (fractions allowed).
+        actor_cpus: CPUs each model actor reserves (None: 1 with a GPU, else the cluster's CPUs left
+            after one decode task per actor, shared out among the actors).
+
+    Raises:
+        UsageError: a count below 1 or a CPU share that is not positive.
+    """
+
+    address: str | None = None
+    actors: int | None = None
+    decode_cpus: float = 1.0
+    actor_cpus: float | None = None
+
+    def __post_init__(self) -> None:
+        _count(self.actors, "--actors")
+        for value, option in ((self.decode_cpus, "--decode-cpus"), (self.actor_cpus, "--actor-cpus")):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise UsageError(f"{option} must be a positive number of CPUs (got {value!r})")
 
 
 def _shard(value: Any) -> tuple[int, int]:

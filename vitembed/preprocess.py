@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import math
 import os
 
@@ -19,8 +20,9 @@ import numpy as np
 from PIL import Image
 
 from .preprocess_config import PreprocessConfig
-from .decode import DecodeOptions, decode_image
+from .decode import DecodeOptions, decode_image, source_name
 from .errors import InputError
+from .shards import TarMember
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -257,30 +259,30 @@ def _pillow_can_go_rows_first() -> bool:
     return reference.tobytes() == rows_first.tobytes()
 
 
-def load_pixels(path: str | os.PathLike, cfg: PreprocessConfig, options: DecodeOptions = DecodeOptions()) -> np.ndarray:
-    """The decode + resize stage for one file: path -> (S, S, 3) uint8 RGB.
+def load_pixels(path: str | os.PathLike | TarMember, cfg: PreprocessConfig, options: DecodeOptions = DecodeOptions()) -> np.ndarray:
+    """The decode + resize stage for one file (or WebDataset member): path -> (S, S, 3) uint8 RGB.
 
     Raises:
         InputError: the file cannot be decoded (see ``decode.open_image``), or kind
             ``out-of-memory`` when decoding or resizing it runs out of memory (the
             message gives the image's size when its header could be read).
     """
-    name = os.fspath(path)
+    name = source_name(path)
     image = None
     try:
         image = decode_image(path, options)
         return resize(image, cfg)
     except MemoryError:
-        size = image.size if image is not None else _header_size(name)
+        size = image.size if image is not None else _header_size(path)
         image = None  # not kept alive by the traceback while the caller handles the error
         what = f"this {size[0]}x{size[1]} image" if size else "this image"
         raise InputError(name, "out-of-memory", f"not enough memory to decode and resize {what}") from None
 
 
-def _header_size(path: str) -> tuple[int, int] | None:
+def _header_size(path: str | os.PathLike | TarMember) -> tuple[int, int] | None:
     """(width, height) from the file's header, without decoding it; None if it cannot be read."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(path.read()) if isinstance(path, TarMember) else path) as im:
             return im.size
     except Exception:
         return None

@@ -2,7 +2,7 @@
 
     plan_jobs (inputs.py)   inputs -> [Job]
     claim_dir (outdir.py)   the settings check and the resume scan (the layout's), as one step
-    stages.py               decode (worker threads), batch, model (model threads), write (a thread)
+    engines/                decode, batch, model, write: threads here (local) or a Ray cluster (ray)
     the layout              writes each embedding (layouts/), reports each input
 
 ``encode`` plans and then calls ``encode_plan``, which reports each finished input through a
@@ -28,11 +28,10 @@ from .inputs import Job, Plan, plan_jobs
 from .layouts import Layout, for_run
 from .options import RunOptions, split_fields
 from .outdir import FAILURES_FILE, DirLock, DirState, append_failure, claim_dir, write_dir_state
-from .preprocess import load_pixels
 from .results import Result, Summary
-from .runtime import usable_cores
 from .settings import run_settings
-from .stages import WriteStage, batch_stage, decode_stage, model_stage
+from .engines import run_jobs
+from .stages import WriteStage
 
 
 def encode(
@@ -98,7 +97,7 @@ def plan_run(
             raise UsageError(f"inputs: expected paths of image files or folders, got a {type(given).__name__} "
                              "(Encoder.encode takes images)")
     inputs = [os.fspath(i) for i in inputs]
-    plan = plan_jobs(inputs, out_dir, options.format, stdin_paths)
+    plan = plan_jobs(inputs, out_dir, options.format, stdin_paths, options.relative_to)
     return (plan.shard(*options.shard) if options.shard is not None else plan), layout
 
 
@@ -109,8 +108,8 @@ def encode_plan(
     options: RunOptions = RunOptions(),
     on_result: Callable[[Result], None] | None = None,
 ) -> Summary:
-    """Run the stages over a plan: decode (worker threads), batch, model (``runtime.model_layout``),
-    write (a background thread, into ``layout``).
+    """Run the stages over a plan on ``options.engine`` (``engines/``: decode, batch, model), the
+    writes in a background thread, into ``layout``.
 
     A file that cannot be decoded, or whose output cannot be written, is reported as a failed
     ``Result`` (and appended to ``DIR/failures.jsonl``) and the run goes on. Outputs are written
@@ -158,7 +157,7 @@ def encode_plan(
                 break
             run.report(result)
         if not summary.stopped:
-            _encode_jobs(todo, encoder, options, run)
+            run_jobs(options.engine, todo, encoder, options, run)
         _finish_overwrite(plan, layout, state, settings, summary)
     except KeyboardInterrupt:  # Ctrl-C: the outputs written so far are complete; report what was done
         summary.interrupted = True
@@ -173,27 +172,6 @@ def encode_plan(
         summary.log_errors.extend(dict.fromkeys(run.sink.problems))
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def _encode_jobs(todo: list[Job], encoder: Encoder, options: RunOptions, run: "_Run") -> None:
-    """Decode, batch, encode and write ``todo`` (the write in ``run.writer``'s thread)."""
-    pre, decode = encoder.preprocess_config, encoder.encoding.decode
-    run.writer = WriteStage(run.write_batch, run.finish)
-    model_threads, torch_threads = encoder.thread_layout()
-    torch.set_num_threads(torch_threads)  # per model thread; restored by the caller
-    decoded = decode_stage(todo, lambda job: load_pixels(job.source, pre, decode), options.workers or usable_cores(),
-                           lookahead=2 * options.batch_size, name=lambda job: job.source)
-    batches = model_stage(batch_stage(decoded, options.batch_size), encoder, model_threads, encoder.collate)
-    try:
-        for chunk, embeddings in batches:
-            run.writer.put(chunk, embeddings)  # (B, T, D)
-            if run.writer.error is not None or run.summary.stopped:
-                break
-    finally:  # stop the decode and model threads now, also on an error or Ctrl-C
-        batches.close()
-        decoded.close()
-    run.writer.close()
-    run.writer = None
 
 
 def _finish_overwrite(plan: Plan, layout: Layout, state: DirState, settings: dict[str, str], summary: Summary) -> None:

@@ -1,0 +1,251 @@
+"""The Ray engine (``--engine ray``, extra ``vitembed[ray]``): Ray Data across a cluster.
+
+    driver     plans, claims DIR and resumes (``run.encode_plan``, as locally), then streams
+    decode     Ray Data tasks (``decode_cpus`` CPUs each): file or shard member -> (S, S, 3) uint8
+    model      ``ModelActor``s (``ActorPoolStrategy``): one per GPU, or CPU actors; (B, ...) embeddings
+    write      back on the driver, in input order, through the run's layout writer
+
+The dataset is ``ray.data.from_items`` over the jobs, decoded by ``map_batches`` tasks and encoded
+by ``map_batches`` on an actor pool, with Ray Data's streaming executor and its backpressure; its
+output is read in input order (``preserve_order``) and written by the same layout sink as the
+local engine's, so layouts, atomic writes, resume, ``failures.jsonl`` and ``--pack`` follow the
+same rules and a job started on Ray resumes locally and the other way round. An actor that dies
+has its batches retried by Ray Data on a restarted actor; nothing is written but by the driver,
+so no output is ever half-written, and a re-run encodes what is missing.
+
+The actors build their model from the driver's resolved weights (``weights.ResolvedWeights``):
+its file must be readable at the same path on every node (a shared filesystem or the same cache
+path), as the outputs must be; ``--weights random`` builds the same weights everywhere from its seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError, UsageError
+from ..options import RayOptions
+
+DECODE_MEMORY = 256 * 2**20  # bytes each decode task reserves (a 12k x 12k photo decodes to 432 MiB, then is resized)
+CPU_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}  # bfloat16 travels as float32, exactly
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise UsageError("--engine ray needs Ray Data: pip install 'vitembed[ray]'") from None
+    return ray
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The Ray cluster a run uses, and how the run lays out its actors on it.
+
+    Attributes:
+        address: what was connected to (``local`` for a Ray instance started here).
+        nodes, cpus, gpus: alive nodes and their logical CPUs and GPUs, in total.
+        actors: model actors; ``actor_gpus`` / ``actor_cpus`` each reserves; ``decode_cpus`` per decode task.
+        threads: torch threads in each CPU actor.
+    """
+
+    address: str
+    nodes: int
+    cpus: float
+    gpus: float
+    actors: int
+    actor_gpus: float
+    actor_cpus: float
+    decode_cpus: float
+    threads: int
+
+    def describe(self) -> str:
+        """One line for the start panel: ``local: 1 node, 2 CPUs, 0 GPUs; 1 CPU actor (1 CPU, 1 thread)``."""
+        kind = "GPU" if self.actor_gpus else "CPU"
+        each = f"1 GPU + {self.actor_cpus:g} CPU" if self.actor_gpus else f"{self.actor_cpus:g} CPU, {self.threads} thread"
+        return (f"{self.address}: {self.nodes} node{'s' * (self.nodes != 1)}, {self.cpus:g} CPUs, {self.gpus:g} GPUs; "
+                f"{self.actors} {kind} actor{'s' * (self.actors != 1)} ({each}{'s' * (self.threads != 1 and not self.actor_gpus)} each), "
+                f"decode tasks of {self.decode_cpus:g} CPU")
+
+
+def connect(options: RayOptions | None = None) -> Cluster:
+    """Join the cluster ``options.address`` (else ``RAY_ADDRESS``) names, or start a local Ray instance
+    when none is named; reuse the connection when this process already has one. Then lay out the
+    actors (``RayOptions``): one per GPU, else one CPU actor per node with the node's CPUs but the
+    decode share.
+
+    Raises:
+        UsageError: Ray is not installed, the cluster cannot be reached, or the actors and one
+            decode task ask for more CPUs or GPUs than the cluster has (the job could never start).
+    """
+    ray = _ray()
+    options = options or RayOptions()
+    address = options.address or os.environ.get("RAY_ADDRESS") or None
+    if not ray.is_initialized():
+        # Ray's C++ core logs to stderr at its error level what is not an error of the run (actor
+        # arguments in the object store, ray#53727); failures reach the driver as exceptions.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UsageError(f"--engine ray: cannot reach the Ray cluster at {address}: {e}") from None
+    ray.data.DataContext.get_current().enable_progress_bars = False  # vitembed shows its own progress
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    resources = ray.cluster_resources()
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    if gpus >= 1:
+        actors = options.actors or int(gpus)
+        actor_gpus, actor_cpus = 1.0, options.actor_cpus or 1.0
+    else:
+        actors = options.actors or max(1, nodes)
+        per_node = cpus / max(1, nodes)
+        actor_gpus = 0.0
+        actor_cpus = options.actor_cpus or max(1.0, (per_node * min(nodes, actors) / actors) - options.decode_cpus)
+    need_cpus, need_gpus = actors * actor_cpus + options.decode_cpus, actors * actor_gpus
+    if need_cpus > cpus + 1e-9 or need_gpus > gpus + 1e-9:
+        raise UsageError(
+            f"--engine ray: {actors} actor(s) of {actor_cpus:g} CPU{f' + {actor_gpus:g} GPU' if actor_gpus else ''} and a "
+            f"decode task of {options.decode_cpus:g} CPU need {need_cpus:g} CPUs and {need_gpus:g} GPUs; the cluster has "
+            f"{cpus:g} and {gpus:g} (fewer --actors, or a smaller --actor-cpus / --decode-cpus)")
+    return Cluster(address or "local", nodes, cpus, gpus, actors, actor_gpus, actor_cpus, options.decode_cpus,
+                   max(1, math.ceil(actor_cpus)))
+
+
+def _job_row(index: int, job) -> dict[str, Any]:
+    member = job.member
+    return {"index": index, "source": job.source, "shard": member.shard if member else "",
+            "member": member.name if member else "", "offset": member.offset if member else -1,
+            "size": member.size if member else -1}
+
+
+def decode_batch(batch: dict[str, np.ndarray], pre, decode) -> dict[str, np.ndarray]:
+    """A Ray Data decode task: job rows -> ``pixels`` ((B, S, S, 3) uint8; a failed row's pixels are
+    zeros, or for NaFlex an object array of (H_i, W_i, 3) arrays) with ``error_kind`` / ``error_reason``
+    ('' for a decoded image)."""
+    from ..preprocess import load_pixels
+    from ..shards import TarMember
+
+    pixels, kinds, reasons = [], [], []
+    for source, shard, member, offset, size in zip(batch["source"], batch["shard"], batch["member"], batch["offset"],
+                                                   batch["size"]):
+        image = TarMember(str(shard), str(member), int(offset), int(size)) if offset >= 0 else str(source)
+        try:
+            pixels.append(load_pixels(image, pre, decode))
+            kinds.append("")
+            reasons.append("")
+        except InputError as e:
+            pixels.append(None)
+            kinds.append(e.kind)
+            reasons.append(e.reason)
+        except Exception as e:  # a decoder bug must not end the job: report this file, go on
+            pixels.append(None)
+            kinds.append("unreadable")
+            reasons.append(f"{type(e).__name__}: {e}")
+    shapes = {p.shape for p in pixels if p is not None}
+    if len(shapes) <= 1:  # fixed-size preprocessing: one (B, S, S, 3) array
+        shape = next(iter(shapes), (1, 1, 3))
+        out = np.stack([p if p is not None else np.zeros(shape, np.uint8) for p in pixels])
+    else:  # NaFlex: each image its own size
+        out = np.empty(len(pixels), dtype=object)
+        out[:] = [p if p is not None else np.zeros((1, 1, 3), np.uint8) for p in pixels]
+    return {"index": batch["index"], "pixels": out, "error_kind": np.array(kinds, dtype=object),
+            "error_reason": np.array(reasons, dtype=object)}
+
+
+class ModelActor:
+    """A Ray Data actor holding one ``Encoder``: decoded rows -> ``embedding`` rows.
+
+    Built from the driver's ``ModelOptions`` (weights already resolved) and ``EncodingOptions``;
+    the device is ``auto`` there (its GPU, else the CPU with ``threads`` torch threads). Returns
+    ``embedding``: (B, ...) in the save dtype (bfloat16 as float32, exactly), zeros for failed rows,
+    or for NaFlex tokens an object array of (T_i, D) arrays and ``grid`` (B, 2).
+    """
+
+    def __init__(self, options, encoding, threads: int):
+        import warnings
+
+        import torch
+
+        from ..encoder import Encoder
+
+        torch.set_num_threads(threads)
+        warnings.simplefilter("ignore")  # the driver has shown them (random weights) once already
+        self.encoder = Encoder(options=options, encoding=encoding)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        encoder = self.encoder
+        ok = [i for i, kind in enumerate(batch["error_kind"]) if not kind]
+        rows = len(batch["index"])
+        dtype = CPU_DTYPES[encoder.save_dtype_name]
+        grids = np.zeros((rows, 2), np.int64)
+        if encoder.ragged:
+            embedding = np.empty(rows, dtype=object)
+            embedding[:] = [np.zeros((0,), dtype)] * rows
+        else:
+            embedding = np.zeros((rows, *encoder.output_shape), dtype)
+        if ok:
+            images = [batch["pixels"][i] for i in ok]
+            out = encoder(encoder.collate(images))
+            for at, row in zip(ok, out):
+                embedding[at] = row.float().numpy().astype(dtype, copy=False)
+            if isinstance(out, list):
+                grids[ok] = np.array(out.grids, np.int64)
+        return {"index": batch["index"], "embedding": embedding, "grid": grids,
+                "error_kind": batch["error_kind"], "error_reason": batch["error_reason"]}
+
+
+def run_jobs(todo, encoder, options, run) -> None:
+    """Encode ``todo`` on the cluster (``connect``) and write each batch on the driver, in input order
+    (see ``engines``). Batches of ``options.batch_size`` go to each actor."""
+    import torch
+
+    from ..encoder import RaggedRows
+    from ..stages import WriteStage
+
+    ray = _ray()
+    cluster = connect(options.ray)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # outputs, --pack parts and reports in input order
+    model_options = dataclasses.replace(encoder.options, weights=encoder.weights, image_size=None, resize=None,
+                                        interpolation=None, crop_pct=None, mean=None, std=None)
+    ray_options = options.ray or RayOptions()
+    data = ray.data.from_items([_job_row(i, job) for i, job in enumerate(todo)], override_num_blocks=max(1, min(
+        len(todo) // options.batch_size + 1, 4 * max(1, int(cluster.cpus)) * 4)))
+    decoded = data.map_batches(decode_batch, fn_kwargs={"pre": encoder.preprocess_config, "decode": encoder.encoding.decode},
+                               batch_size=options.batch_size, num_cpus=ray_options.decode_cpus, batch_format="numpy",
+                               memory=DECODE_MEMORY)  # a reservation the actors lack: decode stays in tasks, not fused
+    encoded = decoded.map_batches(
+        ModelActor, fn_constructor_kwargs={"options": model_options, "encoding": encoder.encoding, "threads": cluster.threads},
+        batch_size=options.batch_size, compute=ray.data.ActorPoolStrategy(size=cluster.actors),
+        num_cpus=cluster.actor_cpus, num_gpus=cluster.actor_gpus or None, batch_format="numpy")
+    save_dtype = encoder.save_dtype
+    run.writer = WriteStage(run.write_batch, run.finish)
+    for batch in encoded.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+        chunk = []
+        for index, kind, reason in zip(batch["index"], batch["error_kind"], batch["error_reason"]):
+            job = todo[int(index)]
+            if kind:
+                chunk.append((job, InputError(job.source, str(kind), str(reason))))
+            else:
+                chunk.append((job, None))
+        ok = [i for i, (_, item) in enumerate(chunk) if not isinstance(item, InputError)]
+        if not ok:
+            embeddings = None
+        elif encoder.ragged:
+            embeddings = RaggedRows([torch.from_numpy(np.asarray(batch["embedding"][i])).to(save_dtype) for i in ok],
+                                    [tuple(int(v) for v in batch["grid"][i]) for i in ok])
+        else:
+            embeddings = torch.from_numpy(np.ascontiguousarray(batch["embedding"][ok])).to(save_dtype)
+        run.writer.put(chunk, embeddings)
+        if run.writer.error is not None or run.summary.stopped:
+            break
+    run.writer.close()
+    run.writer = None
