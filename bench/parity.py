@@ -131,7 +131,7 @@ def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parents[1] / "../shared/images/imagenet-sample")
     count = int(sys.argv[2]) if len(sys.argv) > 2 else 8
     photos = sorted(folder.glob("*.JPEG"))[:count]
-    print(f"| family (--model) | reference | pixels | embeddings | block 2 | last | pooled |")
+    print("| family (--model) | reference | pixels | embeddings | block 2 | last | pooled |")
     print("|---|---|---|---|---|---|---|")
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:

@@ -72,6 +72,27 @@ def test_ray_outputs_equal_the_local_engine_byte_for_byte(tmp_path, small_ckpt, 
     np.testing.assert_array_equal(a.embeddings, b.embeddings)
 
 
+def test_naflex_on_ray_records_each_images_grid_as_locally(tmp_path, local_ray):
+    from .helpers import _siglip2_naflex
+
+    ckpt = _siglip2_naflex(tmp_path / "naflex")
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, (w, h) in enumerate([(60, 20), (20, 60), (33, 33)]):  # three grids
+        (src / f"{i}.jpg").write_bytes(jpeg_bytes(photo(w, h, seed=i)))
+    for pool in ("mean", "none"):
+        vitembed.encode([str(src)], tmp_path / f"l{pool}", weights=str(ckpt), pool=pool, batch_size=2)
+        vitembed.encode([str(src)], tmp_path / f"r{pool}", weights=str(ckpt), pool=pool, batch_size=2, engine="ray", ray=TWO_ACTORS)
+        assert _outputs(tmp_path / f"r{pool}") == _outputs(tmp_path / f"l{pool}")  # the grid and tokens metadata too
+    from safetensors import safe_open
+
+    grids = set()
+    for path in (tmp_path / "rmean").glob("*.safetensors"):
+        with safe_open(path, "np") as f:
+            grids.add(f.metadata()["grid"])
+    assert len(grids) == 3 and "naflex" not in grids
+
+
 def test_a_killed_actor_loses_nothing_and_a_rerun_encodes_only_what_is_missing(tmp_path, small_ckpt, local_ray):
     src = _folder(tmp_path / "in", good=24)
     killed: list[str] = []
@@ -133,10 +154,24 @@ def test_the_cli_shows_the_cluster_and_exits_as_the_local_engine_does(tmp_path, 
     assert result.returncode == 1, result.stderr.decode()  # two inputs failed, as locally
     err = result.stderr.decode()
     assert _summary(result.stderr).startswith("encoded 3, skipped 0, failed 2")
-    assert "ray        local: 1 node, 2 CPUs, 0 GPUs; 1 CPU actor (1 CPU, 1 thread" in err
+    panel = " ".join(err.replace("│", " ").split())  # the panel's lines, unwrapped
+    assert "ray local (" in panel and "): 1 node, 2 CPUs, 0 GPUs; 1 CPU actor (1 CPU, 1 thread each), decode tasks of 0.5 CPU" in panel
     too_many = run_cli("encode", str(src), "--out", str(tmp_path / "o2"), "--weights", str(small_ckpt), "--engine", "ray",
                        "--actors", "3")
     assert too_many.returncode == 2 and b"the cluster has" in too_many.stderr
+
+
+def test_actors_that_cannot_build_the_model_end_the_run_with_an_engine_error(tmp_path, small_ckpt, local_ray):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(small_ckpt, ckpt)
+    encoder = vitembed.Encoder(weights=str(ckpt))
+    shutil.rmtree(ckpt)  # the actors find no weights file where the driver found one
+    src = _folder(tmp_path / "in", good=2)
+    with pytest.raises(vitembed.EngineError, match="--engine ray: the job failed: .*running the same command again resumes"):
+        vitembed.encode([str(src)], tmp_path / "out", encoder, engine="ray", ray=TWO_ACTORS, batch_size=2)
+    assert not list((tmp_path / "out").rglob("*.safetensors"))
 
 
 def test_ray_options_are_checked():

@@ -100,6 +100,69 @@ def test_a_truncated_shard_fails_the_member_it_cuts_and_nothing_else(tmp_path, s
     assert "damaged tar header after 000001.json (byte " in plan.problems[0].reason
 
 
+def _header_field(data: bytes, header: int, start: int, value: bytes) -> bytes:
+    """``data`` with bytes ``start..`` of the tar header at offset ``header`` replaced, checksum fixed."""
+    block = bytearray(data[header:header + 512])
+    block[start:start + len(value)] = value
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return data[:header] + bytes(block) + data[header + 512:]
+
+
+def test_every_way_a_shard_ends_early_or_breaks_is_reported(tmp_path):
+    whole = _shard(tmp_path / "whole.tar", _images(3)).read_bytes()
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    json0, jpg1 = members["000000.json"], members["000001.jpg"]
+    cases = {
+        "in_json.tar": whole[: json0.offset_data + 3],  # the end cuts a .json member's data
+        "no_marker.tar": whole[: jpg1.offset],  # cut exactly at a header boundary
+        "huge_size.tar": _header_field(whole, jpg1.offset, 124, b"\x80" + b"\0" * 3 + b"\x7f" + b"\xff" * 7),
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    plan = plan_jobs([str(tmp_path / n) for n in cases], tmp_path / "out", "safetensors")
+    assert [j.key for j in plan.jobs] == ["in_json.tar/000000.jpg", "no_marker.tar/000000.jpg", "huge_size.tar/000000.jpg",
+                                          "huge_size.tar/000001.jpg"]
+    from vitembed.errors import InputError
+
+    with pytest.raises(InputError, match=r"its header claims \d+ bytes, but the shard ends \d+ bytes short"):
+        plan.jobs[-1].member.read()  # fails alone, before reading (or allocating) what it claims
+    kinds = {Path(p.path).name: (p.kind, p.reason) for p in plan.problems}
+    assert kinds["in_json.tar"][0] == "truncated" and "ends inside the data of 000000.json" in kinds["in_json.tar"][1]
+    assert kinds["no_marker.tar"][0] == "truncated" and "no end-of-archive marker" in kinds["no_marker.tar"][1]
+    assert kinds["huge_size.tar"][0] == "unreadable" and "damaged tar header after 000001.jpg (" in kinds["huge_size.tar"][1]
+
+
+def test_a_shard_rewritten_after_planning_fails_its_members_instead_of_giving_other_images(tmp_path, small_ckpt):
+    samples = _images(3)
+    shard = _shard(tmp_path / "s.tar", samples)
+    plan = plan_jobs([str(shard)], tmp_path / "out", "safetensors")
+    _shard(shard, dict(reversed(list(samples.items()))))  # the same samples, in another order
+    from vitembed.preprocess import load_pixels
+    from vitembed.preprocess_config import PreprocessConfig
+    from vitembed.errors import InputError
+
+    with pytest.raises(InputError, match="the shard changed since the run listed it"):
+        load_pixels(plan.jobs[0].image, PreprocessConfig())
+
+
+def test_fifos_and_link_members_are_reported_not_waited_for(tmp_path):
+    import os
+
+    (tmp_path / "pipe.tar").unlink(missing_ok=True)
+    os.mkfifo(tmp_path / "pipe.tar")
+    with tarfile.open(tmp_path / "links.tar", "w") as tar:
+        for name, kind in (("a.jpg", tarfile.SYMTYPE), ("b.jpg", tarfile.LNKTYPE), ("notes.txt", tarfile.SYMTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "elsewhere.jpg"
+            tar.addfile(info)
+    plan = plan_jobs([str(tmp_path)], tmp_path / "out", "safetensors")  # a folder walk takes both
+    assert plan.jobs == []
+    assert sorted((Path(p.path).name, p.kind) for p in plan.problems) == [
+        ("a.jpg", "unsupported"), ("b.jpg", "unsupported"), ("pipe.tar", "unreadable")]
+
+
 def test_pack_over_shards_and_brace_patterns(tmp_path, small_ckpt):
     for s in range(3):
         _shard(tmp_path / "shards" / f"{s:05d}.tar", _images(3, start=3 * s))
@@ -139,8 +202,23 @@ def test_member_names_that_climb_out_are_refused(tmp_path):
             tar.addfile(info, io.BytesIO(body))
     plan = plan_jobs([str(path)], tmp_path / "out", "safetensors")
     assert [j.relpath for j in plan.jobs] == ["evil.tar/ok/x.jpg"]
+    assert {p.kind for p in plan.problems} == {"bad-name"}
     assert sorted(p.path for p in plan.problems) == [f"{path}/../../escape.jpg", f"{path}//abs.jpg"]
     assert all(str(j.output).startswith(str(tmp_path / "out")) for j in plan.jobs)
+
+
+def test_two_members_of_one_name_the_first_encoded_the_second_reported_once(tmp_path):
+    path = tmp_path / "dups.tar"
+    with tarfile.open(path, "w") as tar:
+        for seed in (1, 2):
+            body = jpeg_bytes(photo(20, 20, seed=seed))
+            info = tarfile.TarInfo("a.jpg")
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    plan = plan_jobs([str(path), str(tmp_path)], tmp_path / "out", "safetensors")  # also found by the walk
+    assert [j.key for j in plan.jobs] == ["dups.tar/a.jpg"] and plan.jobs[0].member.offset == 512
+    assert [(p.kind, "the first is encoded" in p.reason) for p in plan.problems] == [("collision", True)]
+    assert len(plan.duplicates) == 2  # the first and the second member, named again through the walk
 
 
 @pytest.mark.parametrize("pattern, expected", [
@@ -149,9 +227,22 @@ def test_member_names_that_climb_out_are_refused(tmp_path):
     ("{3..1}", ["3", "2", "1"]),
     ("plain.tar", ["plain.tar"]),
     ("{x}/{0..1}.tar", ["{x}/0.tar", "{x}/1.tar"]),
+    ("{1..010..4}", ["001", "005", "009"]),  # bash pads to the wider bound, and steps
+    ("{a..c}{-1..1}", ["a-1", "a0", "a1", "b-1", "b0", "b1", "c-1", "c0", "c1"]),
+    ("{" + "9" * 5000 + "..1}", ["{" + "9" * 5000 + "..1}"]),  # not a range we expand: kept as written
 ])
 def test_brace_patterns_expand_as_webdataset_writes_them(pattern, expected):
     assert expand_braces(pattern) == expected
+
+
+def test_a_brace_pattern_of_too_many_names_is_refused():
+    from vitembed.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"names more than 100000 files; list the shards on stdin"):
+        expand_braces("s/{0..99999999}.tar")
+    with pytest.raises(UsageError, match=r"names more than 100000 files"):
+        expand_braces("{0..1000}/{0..1000}.tar")
+    assert len(expand_braces("{00000..99999}.tar")) == 100_000
 
 
 def test_member_relpath():

@@ -67,6 +67,18 @@ def test_bad_tables_are_usage_errors_naming_the_file(tmp_path):
     (tmp_path / "num.jsonl").write_text('{"path": 3}\n')
     with pytest.raises(UsageError, match="row 1: expected a path \\(text\\), got int 3"):
         list(read_table_paths(str(tmp_path / "num.jsonl")))
+    (tmp_path / "wide.csv").write_text("path\n" + "x" * 200_000 + "\n")
+    with pytest.raises(UsageError, match=r"wide\.csv'?: row 1: not readable as CSV \(field larger than field limit"):
+        list(read_table_paths(str(tmp_path / "wide.csv")))
+    (tmp_path / "lone.jsonl").write_text('{"path": "\\ud800.jpg"}\n')
+    with pytest.raises(UsageError, match="row 1: .* is not a valid path \\(a lone UTF-16 surrogate\\)"):
+        list(read_table_paths(str(tmp_path / "lone.jsonl")))
+    (tmp_path / "deep.jsonl").write_text('{"path": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(UsageError, match="line 1: JSON nested too deeply"):
+        list(read_table_paths(str(tmp_path / "deep.jsonl")))
+    (tmp_path / "bom.csv").write_text("\ufeffpath,label\na.jpg,1\n", encoding="utf-8")  # as Excel writes it
+    (tmp_path / "bom.jsonl").write_text('\ufeff{"path": "a.jpg"}\n', encoding="utf-8")
+    assert list(read_table_paths(str(tmp_path / "bom.csv"))) == list(read_table_paths(str(tmp_path / "bom.jsonl"))) == ["a.jpg"]
     (tmp_path / "fake.parquet").write_text("not parquet")
     with pytest.raises(UsageError, match="not a readable parquet file"):
         read_table_paths(str(tmp_path / "fake.parquet"))
@@ -108,7 +120,14 @@ def test_relative_to_gives_one_key_whichever_way_a_file_is_named(tmp_path, small
     assert sorted(j.key for j in walk.jobs) == sorted(j.key for j in stdin.jobs) == sorted(j.key for j in absolute.jobs) == keys
     outside = plan_jobs([str(tmp_path / "data" / "images" / "im0.jpg")], "out", "safetensors", relative_to="data/images/sub")
     assert outside.jobs[0].key == "_root" + str(tmp_path / "data" / "images" / "im0.jpg")  # as stdin places such paths
-    with pytest.raises(UsageError, match="--relative-to nowhere: not a folder"):
+    (tmp_path / "data" / "link").symlink_to(tmp_path / "data" / "images")  # another spelling of the same files
+    linked = plan_jobs(["data/link"], "out", "safetensors", relative_to="data")
+    assert sorted(j.key for j in linked.jobs) == keys
+    (tmp_path / "base").symlink_to(tmp_path / "data")
+    assert sorted(j.key for j in plan_jobs(["data/images"], "out", "safetensors", relative_to="base").jobs) == keys
+    nul = plan_jobs([], "out", "safetensors", ["a\0b.jpg"])
+    assert nul.jobs == [] and [(p.kind, p.path) for p in nul.problems] == [("bad-name", "a\\0b.jpg")]
+    with pytest.raises(UsageError, match="--relative-to nowhere: no such folder"):
         plan_jobs([], "out", "safetensors", relative_to="nowhere")
     # Through the CLI: a folder walk, then find | encode -, then a table: each resumes the one before.
     base = ("--out", "emb", "--weights", str(small_ckpt), "--relative-to", "data")

@@ -34,6 +34,9 @@ _LAZY = {
     "CheckpointError": "errors",
     "WeightsNotFoundError": "errors",
     "DeviceError": "errors",
+    "EngineError": "errors",
+    "RayOptions": "options",
+    "read_table_paths": "tables",
 }
 
 __all__ = ["__version__", *_LAZY]

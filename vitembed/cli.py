@@ -20,7 +20,7 @@ import typer
 from . import __version__
 from .catalog import CATALOG, DEFAULT_MODEL
 from .console import StdoutClosed, out, say, stderr
-from .errors import InputError, VitembedError
+from .errors import InputError, UsageError, VitembedError
 from .options import DTYPES, ENGINES, FORMATS, POOLS, SAVE_DTYPES
 
 app = typer.Typer(
@@ -79,7 +79,7 @@ ListOnly = Annotated[bool, _opt("Print the planned input -> output pairs and exi
 MaxPixels = Annotated[Optional[int], _opt("Refuse images with more pixels than this [default: 178956970, twice Pillow's MAX_IMAGE_PIXELS].")]
 AsJson = Annotated[bool, _opt("One JSON object per input on stdout.", "--json")]
 Verbose = Annotated[bool, _opt("With --list: also name the files a folder walk passed over as not images.", "--verbose", "-v")]
-FromTable = Annotated[Optional[str], _opt("Read input paths from a table: .parquet (needs pyarrow), .csv or .jsonl.", "--from-table")]
+FromTable = Annotated[Optional[list[str]], _opt("Read input paths from a table: .parquet (needs pyarrow), .csv or .jsonl (repeatable).", "--from-table")]
 Column = Annotated[str, _opt("The --from-table column holding the paths.", default_shown=True)]
 RelativeTo = Annotated[Optional[str], _opt("Key every input by its path relative to this folder (a folder walk, stdin and a table then give one file one output).")]
 EngineOpt = Annotated[Engine, _opt("local: threads here; ray: Ray Data on the cluster RAY_ADDRESS or --ray-address names (a local Ray instance when none).", "--engine", default_shown=True)]
@@ -123,7 +123,11 @@ def encode(
     _quiet_pillow()
     terminated = _stop_on_sigterm()
     try:
-        inputs, stdin_paths = _stdin_inputs(inputs or [], null, from_table, column)
+        inputs, stdin_paths = _stdin_inputs(inputs or [], null, from_table or [], column)
+        given = [flag for flag, value in (("--ray-address", ray_address), ("--actors", actors), ("--actor-cpus", actor_cpus),
+                                          ("--decode-cpus", None if decode_cpus == 1.0 else decode_cpus)) if value is not None]
+        if given and engine.value != "ray":
+            raise UsageError(f"{', '.join(given)}: for --engine ray only (this run's engine is {engine.value})")
         options = ModelOptions(model=model, weights=weights, seed=seed, image_size=image_size, resize=resize,
                                interpolation=interpolation, crop_pct=crop_pct, mean=mean, std=std, device=device,
                                dtype=dtype.value, compile=compile)
@@ -204,24 +208,21 @@ def _quiet_pillow() -> None:
     warnings.showwarning = show_warning
 
 
-def _stdin_inputs(inputs: list[str], null: bool, table: str | None = None, column: str = "path"):
+def _stdin_inputs(inputs: list[str], null: bool, tables: list[str] = (), column: str = "path"):
     """(the inputs without ``-``, the paths read from stdin when ``-`` is among them, then those of
-    the table ``--from-table``, read as planning goes)."""
+    the ``--from-table`` tables, read as planning goes)."""
     import itertools
 
-    from .errors import UsageError
     from .inputs import read_path_list
 
     if null and "-" not in inputs:
         raise UsageError("-0/--null applies to paths read from stdin: add - to the inputs "
                          "(find DIR -print0 | vitembed encode -0 - --out OUT)")
-    if not inputs and table is None:
+    if not inputs and not tables:
         raise UsageError("no inputs: name image files, folders or .tar shards, - for paths on stdin, or --from-table FILE")
-    rows: Iterable[str] = ()
-    if table is not None:
-        from .tables import read_table_paths
+    from .tables import read_table_paths
 
-        rows = read_table_paths(table, column)
+    rows: Iterable[str] = itertools.chain.from_iterable(read_table_paths(table, column) for table in tables)
     if "-" not in inputs:
         return inputs, rows
     return [i for i in inputs if i != "-"], itertools.chain(read_path_list(sys.stdin.buffer, null_separated=null), rows)

@@ -61,6 +61,11 @@ class DeviceError(VitembedError):
     """An explicitly requested device (``cuda``, ``cuda:N``, ``mps``) is not available."""
 
 
+class EngineError(VitembedError):
+    """The engine itself failed part-way (a Ray cluster lost, model actors that cannot start).
+    The outputs already written are whole; running the same command again resumes."""
+
+
 class VitembedWarning(UserWarning):
     """Something the user asked for works, but not as well as they may expect
     (bfloat16 on a CPU without bfloat16 instructions, ``--compile`` falling back to eager).

@@ -177,13 +177,17 @@ def walk_images(
 
 def _safe_relpath(path: str, base: str | None = None) -> str:
     """Relative output location for a path read from stdin or a table, or for any input under
-    ``--relative-to base``: the path relative to ``base`` (None: as given, relative to the current
-    directory) if it stays inside, else ``_root/<absolute path>``."""
-    normal = os.path.normpath(path) if base is None else os.path.relpath(os.path.abspath(path), os.path.abspath(base))
+    ``--relative-to base``: the real path (symlinks resolved) relative to ``base`` (a real path; None:
+    the path as given, relative to the current directory) if it stays inside, else ``_root/<absolute path>``."""
+    # String operations, not pathlib: a table of 10^7 rows goes through here once per row.
+    normal = os.path.normpath(path) if base is None else os.path.relpath(os.path.realpath(path), base)
     if os.path.isabs(normal) or normal == ".." or normal.startswith(".." + os.sep):
-        absolute = os.path.abspath(path)
-        return str(PurePosixPath(ROOT_DIR, *Path(absolute).parts[1:]))
-    return PurePosixPath(*Path(normal).parts).as_posix()
+        return _posix(ROOT_DIR + os.path.abspath(path))
+    return _posix(normal)
+
+
+def _posix(path: str) -> str:
+    return path if os.sep == "/" else PurePosixPath(*Path(path).parts).as_posix()
 
 
 def _expanded(inputs: Iterable[str]) -> Iterator[str]:
@@ -295,8 +299,9 @@ def plan_jobs(
     """
     out = out_path(out_dir)
     if relative_to is not None and not os.path.isdir(relative_to):
-        raise UsageError(f"--relative-to {shown(os.fspath(relative_to))}: not a folder")
-    base = None if relative_to is None else os.fspath(relative_to)
+        what = "not a folder" if os.path.exists(relative_to) else "no such folder"
+        raise UsageError(f"--relative-to {shown(os.fspath(relative_to))}: {what}")
+    base = None if relative_to is None else os.path.realpath(os.fspath(relative_to))
     plan = Plan(out)
     candidates: list[tuple[str, str, TarMember | None]] = []
 
@@ -307,7 +312,7 @@ def plan_jobs(
         for member in list_members(path, plan.problems):
             inner = member_relpath(member.name)
             if inner is None:
-                plan.problems.append(InputError(str(member), "collision", "member name is absolute or climbs out "
+                plan.problems.append(InputError(str(member), "bad-name", "member name is absolute or climbs out "
                                                 "(..): its output would lie outside the shard's folder"))
             else:
                 candidates.append((str(member), f"{rel}/{inner}", member))
@@ -332,7 +337,7 @@ def plan_jobs(
             plan.problems.append(InputError(arg, "unreadable", e.strerror or str(e)))
             continue
         if is_dir and base is None:
-            walk(arg, lambda path, top=arg: PurePosixPath(*Path(os.path.relpath(path, top)).parts).as_posix())
+            walk(arg, lambda path, top=arg: _posix(os.path.relpath(path, top)))
         elif is_dir:
             walk(arg, lambda path: _safe_relpath(path, base))
         else:
@@ -347,13 +352,26 @@ def plan_jobs(
     # that are not UTF-8 (k\xff.jpg, raw byte 0xff) and their printed form (the text k\xff.jpg)
     # would share a key in an index and a "source" in metadata.
     by_key: dict[str, tuple[str, str]] = {}
-    by_output: dict[Path, str] = {}
+    by_output: dict[str, str] = {}
+    out_text = os.fspath(out)
     first_of: dict[str, str] = {}
+    shard_identity = functools.lru_cache(maxsize=64)(os.path.realpath)
     suffix = f".{fmt}"
     for source, rel, member in candidates:
+        if "\0" in source:  # from a table, stdin or a tar header: no file system has such a name
+            plan.problems.append(InputError(source.replace("\0", "\\0"), "bad-name", "the path holds a NUL byte, "
+                                            "which no file name can"))
+            continue
         # Only existing regular files (and members of one) are the same by identity; anything else is its own input.
         if member is not None:
-            identity = f"{os.path.realpath(member.shard)}\0{member.name}"
+            named = f"{shard_identity(member.shard)}\0{member.name}"
+            identity = f"{named}\0{member.offset}"
+            if identity not in first_of and named in first_of:  # the same name again, at another offset
+                plan.problems.append(InputError(source, "collision", "the shard holds another member of this name before "
+                                                "this one; the first is encoded (tar extraction would keep the last)"))
+                first_of[identity] = source  # the same shard named again: a duplicate, not a second report
+                continue
+            first_of.setdefault(named, source)
         else:
             identity = os.path.realpath(source) if os.path.isfile(source) else source
         if identity in first_of:
@@ -372,12 +390,13 @@ def plan_jobs(
             plan.problems.append(InputError(source, "collision", why))
             continue
         parent, _, name = rel.rpartition("/")
-        output = out / parent / output_name(name, suffix)  # Path("d") / "" is Path("d")
-        if output in by_output:  # a name spelled like another's shortened output name (output_name)
+        file_name = output_name(name, suffix)
+        where = os.path.join(out_text, parent, file_name) if parent else os.path.join(out_text, file_name)
+        if where in by_output:  # a name spelled like another's shortened output name (output_name)
             plan.problems.append(InputError(
-                source, "collision", f"would write the same output as {shown(by_output[output])} ({shown(output.name)})"))
+                source, "collision", f"would write the same output as {shown(by_output[where])} ({shown(file_name)})"))
             continue
         by_key[key] = (source, rel)
-        by_output[output] = source
-        plan.jobs.append(Job(source, rel, output, member))
+        by_output[where] = source
+        plan.jobs.append(Job(source, rel, Path(where), member))
     return plan

@@ -268,7 +268,8 @@ class RayOptions:
     def __post_init__(self) -> None:
         _count(self.actors, "--actors")
         for value, option in ((self.decode_cpus, "--decode-cpus"), (self.actor_cpus, "--actor-cpus")):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+                                      or not math.isfinite(value)):
                 raise UsageError(f"{option} must be a positive number of CPUs (got {value!r})")
 
 

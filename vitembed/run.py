@@ -62,9 +62,15 @@ def encode(
     Raises:
         UsageError: options out of range or given twice, DIR with outputs of other settings.
     """
+    from .options import EncodingOptions, ModelOptions
+
     run_names = {f.name for f in dataclasses.fields(RunOptions)}
     fields = {k: v for k, v in run_fields.items() if k in run_names}
     others = {k: v for k, v in run_fields.items() if k not in run_names}
+    known = run_names | {f.name for kind in (ModelOptions, EncodingOptions) for f in dataclasses.fields(kind)}
+    if set(run_fields) - known:
+        raise UsageError(f"encode(): unknown option(s) {', '.join(sorted(set(run_fields) - known))}; expected "
+                         f"RunOptions fields ({', '.join(sorted(run_names))}) or Encoder options ({', '.join(sorted(known - run_names))})")
     if not isinstance(encoder, Encoder):
         if encoder is not None and "model" in others:
             raise UsageError("encode(): the model was given twice (as encoder= and model=)")
@@ -156,7 +162,7 @@ def encode_plan(
             if summary.stopped:
                 break
             run.report(result)
-        if not summary.stopped:
+        if not summary.stopped and todo:
             run_jobs(options.engine, todo, encoder, options, run)
         _finish_overwrite(plan, layout, state, settings, summary)
     except KeyboardInterrupt:  # Ctrl-C: the outputs written so far are complete; report what was done

@@ -70,7 +70,13 @@ def _text(path: str, row: int, value) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise UsageError(f"--from-table {shown(path)}: row {row}: expected a path (text), got {type(value).__name__} {value!r}")
+        raise UsageError(f"--from-table {shown(path)}: row {row}: expected a path (text), got {type(value).__name__} "
+                         f"{repr(value)[:80]}")
+    try:
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # JSON's "\ud800": a lone surrogate, which no file name holds
+        raise UsageError(f"--from-table {shown(path)}: row {row}: {ascii(value)[:80]} is not a valid path "
+                         "(a lone UTF-16 surrogate)") from None
     return value
 
 
@@ -94,19 +100,24 @@ def _parquet(path: str, column: str) -> Iterator[str]:
 
 
 def _csv(path: str, column: str) -> Iterator[str]:
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    # utf-8-sig: a byte-order mark (as Excel writes) is not part of the first column's name.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or column not in header:
-            raise _missing(path, column, header or [])
-        at = header.index(column)
-        for row, values in enumerate(reader, start=1):
-            if at < len(values) and values[at]:
-                yield values[at]
+        row = 0
+        try:
+            header = next(reader, None)
+            if header is None or column not in header:
+                raise _missing(path, column, header or [])
+            at = header.index(column)
+            for row, values in enumerate(reader, start=1):
+                if at < len(values) and values[at]:
+                    yield values[at]
+        except csv.Error as e:  # a cell over csv's field limit, a NUL byte
+            raise UsageError(f"--from-table {shown(path)}: row {row + 1}: not readable as CSV ({e})") from None
 
 
 def _jsonl(path: str, column: str) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for row, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -114,6 +125,8 @@ def _jsonl(path: str, column: str) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UsageError(f"--from-table {shown(path)}: line {row}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise UsageError(f"--from-table {shown(path)}: line {row}: JSON nested too deeply") from None
             if not isinstance(record, dict) or column not in record:
                 what = f"columns: {', '.join(record) or 'none'}" if isinstance(record, dict) else f"a JSON {type(record).__name__}"
                 raise UsageError(f"--from-table {shown(path)}: line {row}: no column {column!r} ({what}); name one with --column")

@@ -20,16 +20,19 @@ path), as the outputs must be; ``--weights random`` builds the same weights ever
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, UsageError
+from ..errors import EngineError, InputError, UsageError
 from ..options import RayOptions
 
 DECODE_MEMORY = 256 * 2**20  # bytes each decode task reserves (a 12k x 12k photo decodes to 432 MiB, then is resized)
@@ -89,13 +92,13 @@ def connect(options: RayOptions | None = None) -> Cluster:
     options = options or RayOptions()
     address = options.address or os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
-        # Ray's C++ core logs to stderr at its error level what is not an error of the run (actor
-        # arguments in the object store, ray#53727); failures reach the driver as exceptions.
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+            _init_quietly(ray, address)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise UsageError(f"--engine ray: cannot reach the Ray cluster at {address}: {e}") from None
+            hint = ("; this Ray cluster uses token authentication: set RAY_AUTH_MODE=token (and the cluster's token) "
+                    "in the environment") if "auth" in str(e).lower() else ""
+            raise UsageError(f"--engine ray: cannot reach the Ray cluster at {address or 'this machine'}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}{hint}") from None
     ray.data.DataContext.get_current().enable_progress_bars = False  # vitembed shows its own progress
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     resources = ray.cluster_resources()
@@ -115,15 +118,55 @@ def connect(options: RayOptions | None = None) -> Cluster:
             f"--engine ray: {actors} actor(s) of {actor_cpus:g} CPU{f' + {actor_gpus:g} GPU' if actor_gpus else ''} and a "
             f"decode task of {options.decode_cpus:g} CPU need {need_cpus:g} CPUs and {need_gpus:g} GPUs; the cluster has "
             f"{cpus:g} and {gpus:g} (fewer --actors, or a smaller --actor-cpus / --decode-cpus)")
-    return Cluster(address or "local", nodes, cpus, gpus, actors, actor_gpus, actor_cpus, options.decode_cpus,
+    gcs = ray.get_runtime_context().gcs_address
+    return Cluster(address or f"local ({gcs})", nodes, cpus, gpus, actors, actor_gpus, actor_cpus, options.decode_cpus,
                    max(1, math.ceil(actor_cpus)))
 
 
+def _init_quietly(ray, address: str | None) -> None:
+    """``ray.init`` without what Ray prints on stderr that is not an error of the run, and with the
+    caller's SIGINT and SIGTERM handlers kept (the CLI's: Ctrl-C and SIGTERM end a run with whole
+    outputs and a summary). Ray's C++ core writes its log level, and at error level notes that are no
+    error (actor arguments in the object store, ray#53727), to fd 2: its level is set to ``fatal``
+    unless ``RAY_BACKEND_LOG_LEVEL`` is set, and fd 2 is closed to it while it starts. A Ray instance
+    started here is shut down at exit with Ctrl-C ignored (a second Ctrl-C inside Ray's own shutdown
+    crashed the process)."""
+    import signal
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    level_was = os.environ.get("RAY_BACKEND_LOG_LEVEL")
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+        if level_was is None:
+            os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+    atexit.register(_shutdown, ray)
+
+
+def _shutdown(ray) -> None:
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ray.shutdown()
+
+
 def _job_row(index: int, job) -> dict[str, Any]:
+    """What a decode task needs of a job, its paths absolute: the workers' current folder is not the driver's."""
     member = job.member
-    return {"index": index, "source": job.source, "shard": member.shard if member else "",
+    return {"index": index, "source": os.path.abspath(job.source), "shard": os.path.abspath(member.shard) if member else "",
             "member": member.name if member else "", "offset": member.offset if member else -1,
-            "size": member.size if member else -1}
+            "size": member.size if member else -1, "stamp": list(member.stamp) if member else [-1, -1]}
 
 
 def decode_batch(batch: dict[str, np.ndarray], pre, decode) -> dict[str, np.ndarray]:
@@ -134,14 +177,15 @@ def decode_batch(batch: dict[str, np.ndarray], pre, decode) -> dict[str, np.ndar
     from ..shards import TarMember
 
     pixels, kinds, reasons = [], [], []
-    for source, shard, member, offset, size in zip(batch["source"], batch["shard"], batch["member"], batch["offset"],
-                                                   batch["size"]):
-        image = TarMember(str(shard), str(member), int(offset), int(size)) if offset >= 0 else str(source)
+    for source, shard, member, offset, size, stamp in zip(batch["source"], batch["shard"], batch["member"],
+                                                          batch["offset"], batch["size"], batch["stamp"]):
+        image = (TarMember(str(shard), str(member), int(offset), int(size), (int(stamp[0]), int(stamp[1])))
+                 if offset >= 0 else str(source))
         try:
             pixels.append(load_pixels(image, pre, decode))
             kinds.append("")
             reasons.append("")
-        except InputError as e:
+        except InputError as e:  # the driver names the input as it was given, not by its absolute path
             pixels.append(None)
             kinds.append(e.kind)
             reasons.append(e.reason)
@@ -204,17 +248,38 @@ class ModelActor:
 
 def run_jobs(todo, encoder, options, run) -> None:
     """Encode ``todo`` on the cluster (``connect``) and write each batch on the driver, in input order
-    (see ``engines``). Batches of ``options.batch_size`` go to each actor."""
+    (see ``engines``). Batches of ``options.batch_size`` go to each actor.
+
+    Raises:
+        UsageError: see ``connect``.
+        EngineError: the Ray job failed part-way (actors that cannot build the model, a lost cluster).
+    """
+    ray = _ray()
+    cluster = connect(options.ray)
+    context = ray.data.DataContext.get_current()
+    kept_order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # outputs, --pack parts and reports in input order
+    try:
+        _stream(ray, cluster, todo, encoder, options, run)
+    except ray.exceptions.RayError as e:  # an actor that cannot start, a cluster lost: not a traceback
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        raise EngineError(f"--engine ray: the job failed: {lines[-1][:300] if lines else type(e).__name__}; the outputs "
+                          "written so far are whole, and running the same command again resumes") from None
+    finally:
+        context.execution_options.preserve_order = kept_order
+
+
+def _stream(ray, cluster: Cluster, todo, encoder, options, run) -> None:
+    """The Ray Data pipeline of ``run_jobs``: from_items -> decode tasks -> model actors -> the writer."""
     import torch
 
     from ..encoder import RaggedRows
     from ..stages import WriteStage
 
-    ray = _ray()
-    cluster = connect(options.ray)
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # outputs, --pack parts and reports in input order
-    model_options = dataclasses.replace(encoder.options, weights=encoder.weights, image_size=None, resize=None,
+    weights = encoder.weights
+    if weights.file is not None:  # the actors' current folder is not the driver's
+        weights = dataclasses.replace(weights, file=Path(os.path.abspath(weights.file)))
+    model_options = dataclasses.replace(encoder.options, weights=weights, image_size=None, resize=None,
                                         interpolation=None, crop_pct=None, mean=None, std=None)
     ray_options = options.ray or RayOptions()
     data = ray.data.from_items([_job_row(i, job) for i, job in enumerate(todo)], override_num_blocks=max(1, min(
@@ -239,7 +304,7 @@ def run_jobs(todo, encoder, options, run) -> None:
         ok = [i for i, (_, item) in enumerate(chunk) if not isinstance(item, InputError)]
         if not ok:
             embeddings = None
-        elif encoder.ragged:
+        elif encoder.naflex:  # each image its own grid, which its output records (pooled ones too)
             embeddings = RaggedRows([torch.from_numpy(np.asarray(batch["embedding"][i])).to(save_dtype) for i in ok],
                                     [tuple(int(v) for v in batch["grid"][i]) for i in ok])
         else:
