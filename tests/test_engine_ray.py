@@ -156,9 +156,18 @@ def test_the_cli_shows_the_cluster_and_exits_as_the_local_engine_does(tmp_path, 
     assert _summary(result.stderr).startswith("encoded 3, skipped 0, failed 2")
     panel = " ".join(err.replace("│", " ").split())  # the panel's lines, unwrapped
     assert "ray local (" in panel and "): 1 node, 2 CPUs, 0 GPUs; 1 CPU actor (1 CPU, 1 thread each), decode tasks of 0.5 CPU" in panel
-    too_many = run_cli("encode", str(src), "--out", str(tmp_path / "o2"), "--weights", str(small_ckpt), "--engine", "ray",
-                       "--actors", "3")
-    assert too_many.returncode == 2 and b"the cluster has" in too_many.stderr
+    local = run_cli("encode", str(src), "--out", str(tmp_path / "o2"), "--weights", str(small_ckpt), "--actors", "2")
+    assert local.returncode == 2 and b"--actors: for --engine ray only" in local.stderr
+
+
+def test_a_layout_the_cluster_cannot_hold_is_refused_before_anything_starts(local_ray):
+    from vitembed.engines.ray import connect
+
+    with pytest.raises(UsageError, match=r"5 actor\(s\) of 1 CPU and a decode task of 1 CPU need 6 CPUs and 0 GPUs; "
+                                          r"the cluster has 4 and 0"):
+        connect(RayOptions(actors=5, actor_cpus=1))
+    cluster = connect(RayOptions())  # the default layout: one CPU actor with the node's CPUs less one decode task
+    assert (cluster.nodes, cluster.actors, cluster.actor_cpus, cluster.decode_cpus, cluster.threads) == (1, 1, 3.0, 1.0, 3)
 
 
 def test_actors_that_cannot_build_the_model_end_the_run_with_an_engine_error(tmp_path, small_ckpt, local_ray):

@@ -34,5 +34,7 @@ def test_encode_refuses_encoder_options_next_to_an_encoder(tmp_path, small_ckpt)
     import vitembed
     from vitembed.errors import UsageError
 
-    with pytest.raises(UsageError, match="bogus, layer cannot be given with encoder="):
+    with pytest.raises(UsageError, match=r"unknown option\(s\) bogus; expected RunOptions fields \(batch_size, engine, "):
         vitembed.encode([str(tmp_path)], tmp_path / "out", encoder=_encoder(small_ckpt), layer="2", bogus=1)
+    with pytest.raises(UsageError, match="layer cannot be given with encoder="):
+        vitembed.encode([str(tmp_path)], tmp_path / "out", encoder=_encoder(small_ckpt), layer="2")
