@@ -79,7 +79,7 @@ ListOnly = Annotated[bool, _opt("Print the planned input -> output pairs and exi
 MaxPixels = Annotated[Optional[int], _opt("Refuse images with more pixels than this [default: 178956970, twice Pillow's MAX_IMAGE_PIXELS].")]
 AsJson = Annotated[bool, _opt("One JSON object per input on stdout.", "--json")]
 Verbose = Annotated[bool, _opt("With --list: also name the files a folder walk passed over as not images.", "--verbose", "-v")]
-FromTable = Annotated[Optional[list[str]], _opt("Read input paths from a table: .parquet (needs pyarrow), .csv or .jsonl (repeatable).", "--from-table")]
+FromTable = Annotated[Optional[list[str]], _opt("Read input paths from a table: .parquet (needs pyarrow), .csv or .jsonl (repeatable).", "--from-table", metavar="FILE")]
 Column = Annotated[str, _opt("The --from-table column holding the paths.", default_shown=True)]
 RelativeTo = Annotated[Optional[str], _opt("Key every input by its path relative to this folder (a folder walk, stdin and a table then give one file one output).")]
 EngineOpt = Annotated[Engine, _opt("local: threads here; ray: Ray Data on the cluster RAY_ADDRESS or --ray-address names (a local Ray instance when none).", "--engine", default_shown=True)]
