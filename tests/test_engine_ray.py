@@ -183,6 +183,48 @@ def test_actors_that_cannot_build_the_model_end_the_run_with_an_engine_error(tmp
     assert not list((tmp_path / "out").rglob("*.safetensors"))
 
 
+def test_sigterm_during_a_ray_run_ends_it_as_locally(tmp_path, small_ckpt):
+    """Ray's ray.init installs its own SIGTERM handler (which aborted the process, exit 134, no
+    summary); vitembed keeps its own: exit 143, the summary line, whole outputs."""
+    import subprocess
+    import sys
+    import time
+
+    src = _folder(tmp_path / "in", good=150)
+    env = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vitembed", "encode", str(src), "--out", str(tmp_path / "out"),
+                             "--weights", str(small_ckpt), "--engine", "ray", "--batch-size", "1", "--actors", "1",
+                             "--decode-cpus", "0.5", "--actor-cpus", "1"], stderr=subprocess.PIPE, env=env)
+    seen = b""
+    while b"\xe2\x95\xb0" not in seen:  # the start panel's last line: Ray is up, the run is starting
+        line = proc.stderr.readline()
+        assert line, seen.decode()
+        seen += line
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 143, (seen + rest).decode()
+    assert b"terminated (SIGTERM): the outputs already written are complete" in rest
+    assert _summary(rest).startswith("encoded ")
+    written = len(_outputs(tmp_path / "out"))
+    again = vitembed.encode([str(src)], tmp_path / "out", weights=str(small_ckpt))  # finishes what is missing
+    assert (again.encoded, again.skipped, again.failed) == (150 - written, written, 2)
+
+
+def test_paths_reach_the_workers_absolute(tmp_path, monkeypatch):
+    from vitembed.engines.ray import _job_row
+    from vitembed.inputs import Job
+    from vitembed.shards import TarMember
+
+    monkeypatch.chdir(tmp_path)
+    row = _job_row(3, Job("in/a.jpg", "a.jpg", Path("out/a.jpg.safetensors")))
+    assert (row["index"], row["source"], row["offset"]) == (3, str(tmp_path / "in" / "a.jpg"), -1)
+    member = TarMember("s/0.tar", "x.jpg", 512, 10, (2048, 7))
+    row = _job_row(0, Job(str(member), "0.tar/x.jpg", Path("out/0.tar/x.jpg.safetensors"), member))
+    assert (row["shard"], row["member"], row["offset"], row["size"], row["stamp"]) == (
+        str(tmp_path / "s" / "0.tar"), "x.jpg", 512, 10, [2048, 7])
+
+
 def test_ray_options_are_checked():
     with pytest.raises(UsageError, match="--actors"):
         RayOptions(actors=0)
