@@ -78,11 +78,15 @@ def test_naflex_on_ray_records_each_images_grid_as_locally(tmp_path, local_ray):
     ckpt = _siglip2_naflex(tmp_path / "naflex")
     src = tmp_path / "in"
     src.mkdir()
-    for i, (w, h) in enumerate([(60, 20), (20, 60), (33, 33)]):  # three grids
-        (src / f"{i}.jpg").write_bytes(jpeg_bytes(photo(w, h, seed=i)))
+    # Ray batches of three rows: some of one grid only (Ray keeps such a column as a tensor), some with
+    # a failure or two grids (objects): Ray could not join the two kinds, and the job failed for good.
+    for i in range(8):
+        w, h = (64, 48) if i < 4 else (30, 90)
+        (src / f"{i}.png").write_bytes(jpeg_bytes(photo(w, h, seed=i)))
+    (src / "4b.png").write_bytes(b"not an image")
     for pool in ("mean", "none"):
-        vitembed.encode([str(src)], tmp_path / f"l{pool}", weights=str(ckpt), pool=pool, batch_size=2)
-        vitembed.encode([str(src)], tmp_path / f"r{pool}", weights=str(ckpt), pool=pool, batch_size=2, engine="ray", ray=TWO_ACTORS)
+        vitembed.encode([str(src)], tmp_path / f"l{pool}", weights=str(ckpt), pool=pool, batch_size=3)
+        vitembed.encode([str(src)], tmp_path / f"r{pool}", weights=str(ckpt), pool=pool, batch_size=3, engine="ray", ray=TWO_ACTORS)
         assert _outputs(tmp_path / f"r{pool}") == _outputs(tmp_path / f"l{pool}")  # the grid and tokens metadata too
     from safetensors import safe_open
 
@@ -90,7 +94,8 @@ def test_naflex_on_ray_records_each_images_grid_as_locally(tmp_path, local_ray):
     for path in (tmp_path / "rmean").glob("*.safetensors"):
         with safe_open(path, "np") as f:
             grids.add(f.metadata()["grid"])
-    assert len(grids) == 3 and "naflex" not in grids
+    assert len(grids) == 2 and "naflex" not in grids
+    assert len(_failures(tmp_path / "rnone")) == 1 and len(_outputs(tmp_path / "rnone")) == 8
 
 
 def test_a_killed_actor_loses_nothing_and_a_rerun_encodes_only_what_is_missing(tmp_path, small_ckpt, local_ray):

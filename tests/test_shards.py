@@ -243,6 +243,7 @@ def test_a_brace_pattern_of_too_many_names_is_refused():
     with pytest.raises(UsageError, match=r"names more than 100000 files"):
         expand_braces("{0..1000}/{0..1000}.tar")
     assert len(expand_braces("{00000..99999}.tar")) == 100_000
+    assert expand_braces("s/" + "{x}" * 1500 + "{0..1}") == ["s/" + "{x}" * 1500 + n for n in "01"]  # no recursion limit
 
 
 def test_member_relpath():

@@ -76,6 +76,9 @@ def test_bad_tables_are_usage_errors_naming_the_file(tmp_path):
     (tmp_path / "deep.jsonl").write_text('{"path": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
     with pytest.raises(UsageError, match="line 1: JSON nested too deeply"):
         list(read_table_paths(str(tmp_path / "deep.jsonl")))
+    (tmp_path / "bigint.jsonl").write_text('{"path": "a.jpg", "n": ' + "1" * 5000 + "}\n")  # over Python's 4300 digits
+    with pytest.raises(UsageError, match="line 1: not readable as JSON .*4300 digits"):
+        list(read_table_paths(str(tmp_path / "bigint.jsonl")))
     (tmp_path / "bom.csv").write_text("\ufeffpath,label\na.jpg,1\n", encoding="utf-8")  # as Excel writes it
     (tmp_path / "bom.jsonl").write_text('\ufeff{"path": "a.jpg"}\n', encoding="utf-8")
     assert list(read_table_paths(str(tmp_path / "bom.csv"))) == list(read_table_paths(str(tmp_path / "bom.jsonl"))) == ["a.jpg"]
@@ -127,6 +130,9 @@ def test_relative_to_gives_one_key_whichever_way_a_file_is_named(tmp_path, small
     assert sorted(j.key for j in plan_jobs(["data/images"], "out", "safetensors", relative_to="base").jobs) == keys
     nul = plan_jobs([], "out", "safetensors", ["a\0b.jpg"])
     assert nul.jobs == [] and [(p.kind, p.path) for p in nul.problems] == [("bad-name", "a\\0b.jpg")]
+    for named in (["a\0b.jpg"], ["a\0b.tar"]):  # these reached realpath and stat, which raise ValueError
+        nul = plan_jobs(named, "out", "safetensors", named, relative_to="data")
+        assert nul.jobs == [] and [p.kind for p in nul.problems] == ["bad-name", "bad-name"]
     with pytest.raises(UsageError, match="--relative-to nowhere: no such folder"):
         plan_jobs([], "out", "safetensors", relative_to="nowhere")
     # Through the CLI: a folder walk, then find | encode -, then a table: each resumes the one before.

@@ -305,6 +305,13 @@ def plan_jobs(
     plan = Plan(out)
     candidates: list[tuple[str, str, TarMember | None]] = []
 
+    def nul(path: str) -> bool:
+        if "\0" not in path:
+            return False
+        plan.problems.append(InputError(path.replace("\0", "\\0"), "bad-name", "the path holds a NUL byte, "
+                                        "which no file name can"))
+        return True
+
     def add_file(path: str, rel: str) -> None:
         if not is_shard_name(path):
             candidates.append((path, rel, None))
@@ -322,6 +329,8 @@ def plan_jobs(
             add_file(path, rel_of(path))
 
     for arg in _expanded(inputs):
+        if nul(arg):
+            continue
         try:
             is_dir = stat.S_ISDIR(os.stat(arg).st_mode)
         except FileNotFoundError:
@@ -343,6 +352,8 @@ def plan_jobs(
         else:
             add_file(arg, Path(arg).name if base is None else _safe_relpath(arg, base))
     for path in stdin_paths:
+        if nul(path):
+            continue
         if os.path.isdir(path):
             walk(path, lambda inner: _safe_relpath(inner, base))
         else:

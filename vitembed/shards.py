@@ -239,12 +239,15 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def _expand(pattern: str) -> list[str]:
-    match = _BRACE.search(pattern)
-    if match is None:
-        return [pattern]
-    choices = _choices(match.group(1))
-    if choices is None:  # "{}" or "{x}": not a pattern, taken literally
-        head, tail = pattern[: match.end()], pattern[match.end():]
-        return [head + rest for rest in _expand(tail)]
-    prefix, suffix = pattern[: match.start()], pattern[match.end():]
-    return [prefix + choice + rest for choice, rest in itertools.product(choices, _expand(suffix))]
+    """The names of ``pattern``: its literal parts and brace choices (``_choices``), in product order."""
+    parts: list[list[str]] = []
+    at = 0
+    for match in _BRACE.finditer(pattern):
+        choices = _choices(match.group(1))
+        if choices is None:  # "{}" or "{x}": not a pattern, taken literally
+            continue
+        parts.append([pattern[at:match.start()]])
+        parts.append(choices)
+        at = match.end()
+    parts.append([pattern[at:]])
+    return ["".join(names) for names in itertools.product(*parts)]

@@ -127,6 +127,8 @@ def _jsonl(path: str, column: str) -> Iterator[str]:
                 raise UsageError(f"--from-table {shown(path)}: line {row}: not valid JSON ({e.msg})") from None
             except RecursionError:
                 raise UsageError(f"--from-table {shown(path)}: line {row}: JSON nested too deeply") from None
+            except ValueError as e:  # a number of over 4300 digits
+                raise UsageError(f"--from-table {shown(path)}: line {row}: not readable as JSON ({e})") from None
             if not isinstance(record, dict) or column not in record:
                 what = f"columns: {', '.join(record) or 'none'}" if isinstance(record, dict) else f"a JSON {type(record).__name__}"
                 raise UsageError(f"--from-table {shown(path)}: line {row}: no column {column!r} ({what}); name one with --column")

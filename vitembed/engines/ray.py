@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +96,9 @@ def connect(options: RayOptions | None = None) -> Cluster:
         try:
             _init_quietly(ray, address)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            hint = ("; this Ray cluster uses token authentication: set RAY_AUTH_MODE=token (and the cluster's token) "
-                    "in the environment") if "auth" in str(e).lower() else ""
+            hint = ("" if os.environ.get("RAY_AUTH_MODE") or not address else
+                    "; if the cluster was started by Ray 2.5x's `ray start`, it uses token authentication: set "
+                    "RAY_AUTH_MODE=token in the environment")
             raise UsageError(f"--engine ray: cannot reach the Ray cluster at {address or 'this machine'}: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}{hint}") from None
     ray.data.DataContext.get_current().enable_progress_bars = False  # vitembed shows its own progress
@@ -169,10 +171,26 @@ def _job_row(index: int, job) -> dict[str, Any]:
             "size": member.size if member else -1, "stamp": list(member.stamp) if member else [-1, -1]}
 
 
+def _pack_rows(arrays: list[np.ndarray], size: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays of one rank but many shapes, of at most ``size`` values each -> (B, size) of ``dtype``,
+    each row flattened and zero-padded, and their shapes (B, rank). Ray Data stores a column of
+    like-shaped arrays as a tensor and of unlike ones as objects, and cannot join blocks of the two
+    kinds: a padded column is a tensor in every block."""
+    data = np.zeros((len(arrays), size), dtype)
+    for row, a in zip(data, arrays):
+        row[: a.size] = a.reshape(-1)
+    return data, np.array([a.shape for a in arrays], np.int64).reshape(len(arrays), -1)
+
+
+def _unpack_row(data: np.ndarray, shape) -> np.ndarray:
+    shape = [int(n) for n in shape]
+    return np.array(data[: int(np.prod(shape))]).reshape(shape)
+
+
 def decode_batch(batch: dict[str, np.ndarray], pre, decode) -> dict[str, np.ndarray]:
     """A Ray Data decode task: job rows -> ``pixels`` ((B, S, S, 3) uint8; a failed row's pixels are
-    zeros, or for NaFlex an object array of (H_i, W_i, 3) arrays) with ``error_kind`` / ``error_reason``
-    ('' for a decoded image)."""
+    zeros; for NaFlex each image's (H_i, W_i, 3) bytes, with ``shape``, ``_pack_rows``) with
+    ``error_kind`` / ``error_reason`` ('' for a decoded image)."""
     from ..preprocess import load_pixels
     from ..shards import TarMember
 
@@ -193,14 +211,14 @@ def decode_batch(batch: dict[str, np.ndarray], pre, decode) -> dict[str, np.ndar
             pixels.append(None)
             kinds.append("unreadable")
             reasons.append(f"{type(e).__name__}: {e}")
-    shapes = {p.shape for p in pixels if p is not None}
-    if len(shapes) <= 1:  # fixed-size preprocessing: one (B, S, S, 3) array
-        shape = next(iter(shapes), (1, 1, 3))
+    if pre.resize == "naflex":  # each image its own size: bytes and shapes, the same column types in every block
+        size = pre.max_num_patches * pre.patch_size ** 2 * 3  # the most pixels a NaFlex size search gives
+        out, shapes = _pack_rows([p if p is not None else np.zeros((0, 0, 3), np.uint8) for p in pixels], size, np.uint8)
+    else:  # fixed-size preprocessing: one (B, S, S, 3) array
+        shape = next((p.shape for p in pixels if p is not None), (1, 1, 3))
         out = np.stack([p if p is not None else np.zeros(shape, np.uint8) for p in pixels])
-    else:  # NaFlex: each image its own size
-        out = np.empty(len(pixels), dtype=object)
-        out[:] = [p if p is not None else np.zeros((1, 1, 3), np.uint8) for p in pixels]
-    return {"index": batch["index"], "pixels": out, "error_kind": np.array(kinds, dtype=object),
+        shapes = np.zeros((len(pixels), 3), np.int64)
+    return {"index": batch["index"], "pixels": out, "shape": shapes, "error_kind": np.array(kinds, dtype=object),
             "error_reason": np.array(reasons, dtype=object)}
 
 
@@ -230,19 +248,25 @@ class ModelActor:
         rows = len(batch["index"])
         dtype = CPU_DTYPES[encoder.save_dtype_name]
         grids = np.zeros((rows, 2), np.int64)
-        if encoder.ragged:
-            embedding = np.empty(rows, dtype=object)
-            embedding[:] = [np.zeros((0,), dtype)] * rows
-        else:
-            embedding = np.zeros((rows, *encoder.output_shape), dtype)
+        found = [np.zeros((0, encoder.output_shape[-1]), dtype)] * rows if encoder.ragged else None
+        embedding = None if encoder.ragged else np.zeros((rows, *encoder.output_shape), dtype)
         if ok:
-            images = [batch["pixels"][i] for i in ok]
+            if encoder.naflex:
+                images = [_unpack_row(batch["pixels"][i], batch["shape"][i]) for i in ok]
+            else:
+                images = [batch["pixels"][i] for i in ok]
             out = encoder(encoder.collate(images))
             for at, row in zip(ok, out):
-                embedding[at] = row.float().numpy().astype(dtype, copy=False)
+                if found is not None:
+                    found[at] = row.float().numpy().astype(dtype, copy=False)
+                else:
+                    embedding[at] = row.float().numpy().astype(dtype, copy=False)
             if isinstance(out, list):
                 grids[ok] = np.array(out.grids, np.int64)
-        return {"index": batch["index"], "embedding": embedding, "grid": grids,
+        shapes = np.zeros((rows, 2), np.int64)
+        if found is not None:  # NaFlex tokens: (T_i, D) each, padded to the most tokens
+            embedding, shapes = _pack_rows(found, int(np.prod(encoder.output_shape)), dtype)
+        return {"index": batch["index"], "embedding": embedding, "shape": shapes, "grid": grids,
                 "error_kind": batch["error_kind"], "error_reason": batch["error_reason"]}
 
 
@@ -263,7 +287,9 @@ def run_jobs(todo, encoder, options, run) -> None:
         _stream(ray, cluster, todo, encoder, options, run)
     except ray.exceptions.RayError as e:  # an actor that cannot start, a cluster lost: not a traceback
         lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-        raise EngineError(f"--engine ray: the job failed: {lines[-1][:300] if lines else type(e).__name__}; the outputs "
+        causes = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b", line)]  # not Ray's advice
+        why = (causes or lines or [type(e).__name__])[-1][:300]
+        raise EngineError(f"--engine ray: the job failed: {why}; the outputs "
                           "written so far are whole, and running the same command again resumes") from None
     finally:
         context.execution_options.preserve_order = kept_order
@@ -305,7 +331,9 @@ def _stream(ray, cluster: Cluster, todo, encoder, options, run) -> None:
         if not ok:
             embeddings = None
         elif encoder.naflex:  # each image its own grid, which its output records (pooled ones too)
-            embeddings = RaggedRows([torch.from_numpy(np.asarray(batch["embedding"][i])).to(save_dtype) for i in ok],
+            rows = [_unpack_row(batch["embedding"][i], batch["shape"][i]) if encoder.ragged
+                    else np.array(batch["embedding"][i]) for i in ok]
+            embeddings = RaggedRows([torch.from_numpy(row).to(save_dtype) for row in rows],
                                     [tuple(int(v) for v in batch["grid"][i]) for i in ok])
         else:
             embeddings = torch.from_numpy(np.ascontiguousarray(batch["embedding"][ok])).to(save_dtype)
