@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from .errors import InputError, UsageError, printable, shown
 from .shards import TarMember, expand_braces, is_shard_name, list_members, member_relpath
+from .walk import image_extensions, is_image_name, walk_images  # noqa: F401  (part of this module's API)
 
 ROOT_DIR = "_root"
 
@@ -90,89 +91,6 @@ def read_path_list(stream, null_separated: bool = False) -> list[str]:
     if not null_separated:
         entries = [e[:-1] if e.endswith("\r") else e for e in entries]
     return [e for e in entries if e]
-
-
-# Formats Pillow registers but cannot decode to pixels: header-only (MPEG) or write-only (PDF, PALM).
-# Stub formats (BUFR, GRIB, HDF5, WMF), which need a handler Pillow does not have, are found by class.
-_UNDECODABLE_FORMATS = frozenset({"MPEG", "PDF", "PALM"})
-# Walked even when no plugin for them is installed, so that they fail with a message saying what is missing.
-_ALWAYS_WALKED = frozenset({".heic", ".heif", ".hif", ".avif", ".avifs"})
-
-
-@functools.lru_cache(maxsize=1)
-def image_extensions() -> frozenset[str]:
-    """File extensions (lower case, with the dot) that a folder walk takes as images.
-
-    Every extension Pillow registers (``PIL.Image.registered_extensions()``, which
-    includes pillow-heif's when it is installed) whose format Pillow can decode,
-    plus the HEIF and AVIF extensions, so that those fail with a clear message
-    when their plugin is missing instead of being passed over.
-    """
-    from PIL import Image, ImageFile
-
-    from . import decode  # noqa: F401  (registers pillow-heif's extensions when it is installed)
-
-    def decodable(fmt: str) -> bool:
-        factory = Image.OPEN.get(fmt, (None,))[0]
-        stub = isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
-        return fmt not in _UNDECODABLE_FORMATS and not stub
-
-    extensions = {ext.lower() for ext, fmt in Image.registered_extensions().items() if decodable(fmt)}
-    return frozenset(extensions | _ALWAYS_WALKED)
-
-
-def is_image_name(path: str | os.PathLike) -> bool:
-    """True if the file name ends in one of ``image_extensions()`` (case-insensitive)."""
-    return os.path.splitext(os.fspath(path))[1].lower() in image_extensions()
-
-
-def walk_images(
-    directory: str,
-    errors: list[InputError] | None = None,
-    passed_over: list[str] | None = None,
-    exclude: str | os.PathLike | None = None,
-) -> Iterator[str]:
-    """Image files and WebDataset shards (``.tar``) under ``directory``, recursively, in sorted
-    order (``is_image_name``, ``shards.is_shard_name``).
-
-    Symlinked folders are followed, each real folder listed once, so symlink
-    loops cannot hang the walk. A folder that cannot be listed is appended to
-    ``errors`` as an ``unreadable`` InputError instead of being skipped silently;
-    files whose names are not image names (no extension, ``.txt``, ``.DS_Store``)
-    are appended to ``passed_over``. The folder ``exclude`` (the output folder, when it lies
-    inside the walked one) is not entered, so a run never walks its own outputs.
-    """
-
-    def on_error(e: OSError) -> None:
-        if errors is not None:
-            errors.append(InputError(e.filename or directory, "unreadable", f"cannot list folder: {e.strerror or e}"))
-
-    seen: set[tuple[int, int]] = set()
-    if exclude is not None:
-        try:
-            inner, top = os.stat(exclude), os.stat(directory)
-        except OSError:  # no output folder yet: nothing to leave out
-            pass
-        else:
-            if (inner.st_dev, inner.st_ino) != (top.st_dev, top.st_ino):  # --out . beside the images: walk it
-                seen.add((inner.st_dev, inner.st_ino))  # as if already walked
-    for root, dirs, files in os.walk(directory, onerror=on_error, followlinks=True):
-        try:
-            st = os.stat(root)
-        except OSError as e:
-            on_error(e)
-            dirs[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in seen:  # a symlink loop, or a second way to the same folder
-            dirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirs.sort()
-        for name in sorted(files):
-            if is_image_name(name) or is_shard_name(name):
-                yield os.path.join(root, name)
-            elif passed_over is not None:
-                passed_over.append(os.path.join(root, name))
 
 
 def _safe_relpath(path: str, base: str | None = None) -> str:
@@ -303,14 +221,25 @@ def plan_jobs(
         raise UsageError(f"--relative-to {shown(os.fspath(relative_to))}: {what}")
     base = None if relative_to is None else os.path.realpath(os.fspath(relative_to))
     plan = Plan(out)
-    candidates: list[tuple[str, str, TarMember | None]] = []
+    _admit(_candidates(inputs, stdin_paths, base, plan), plan, f".{fmt}")
+    return plan
 
-    def nul(path: str) -> bool:
-        if "\0" not in path:
-            return False
-        plan.problems.append(InputError(path.replace("\0", "\\0"), "bad-name", "the path holds a NUL byte, "
-                                        "which no file name can"))
-        return True
+
+Candidate = tuple[str, str, "TarMember | None"]  # (source, key before printable(), the shard member)
+
+
+def _nul(path: str) -> InputError | None:
+    """The problem of a path holding a NUL byte (from a table, stdin or a tar header), which no file
+    name can; None for any other path."""
+    if "\0" not in path:
+        return None
+    return InputError(path.replace("\0", "\\0"), "bad-name", "the path holds a NUL byte, which no file name can")
+
+
+def _candidates(inputs: Iterable[str], stdin_paths: Iterable[str], base: str | None, plan: Plan) -> list[Candidate]:
+    """Every input expanded (folders walked, shards listed, brace patterns expanded) with its key
+    (``plan_jobs``); what cannot be an input goes to ``plan.problems`` / ``plan.passed_over``."""
+    candidates: list[Candidate] = []
 
     def add_file(path: str, rel: str) -> None:
         if not is_shard_name(path):
@@ -325,11 +254,12 @@ def plan_jobs(
                 candidates.append((str(member), f"{rel}/{inner}", member))
 
     def walk(folder: str, rel_of) -> None:
-        for path in walk_images(folder, plan.problems, plan.passed_over, exclude=out):
+        for path in walk_images(folder, plan.problems, plan.passed_over, exclude=plan.out_dir):
             add_file(path, rel_of(path))
 
     for arg in _expanded(inputs):
-        if nul(arg):
+        if (problem := _nul(arg)) is not None:
+            plan.problems.append(problem)
             continue
         try:
             is_dir = stat.S_ISDIR(os.stat(arg).st_mode)
@@ -352,26 +282,29 @@ def plan_jobs(
         else:
             add_file(arg, Path(arg).name if base is None else _safe_relpath(arg, base))
     for path in stdin_paths:
-        if nul(path):
-            continue
-        if os.path.isdir(path):
+        if (problem := _nul(path)) is not None:
+            plan.problems.append(problem)
+        elif os.path.isdir(path):
             walk(path, lambda inner: _safe_relpath(inner, base))
         else:
             add_file(path, _safe_relpath(path, base))
+    return candidates
 
-    # Two inputs must differ in their output path and in their key: names that differ only in bytes
-    # that are not UTF-8 (k\xff.jpg, raw byte 0xff) and their printed form (the text k\xff.jpg)
-    # would share a key in an index and a "source" in metadata.
+
+def _admit(candidates: list[Candidate], plan: Plan, suffix: str) -> None:
+    """Candidates -> ``plan.jobs``, each source once (a repeat of the same file, also through a
+    symlink, or of the same shard member goes to ``plan.duplicates``), no two with one key or one
+    output (``collision`` problems). Names that differ only in bytes that are not UTF-8 (k\\xff.jpg,
+    raw byte 0xff) and their printed form (the text k\\xff.jpg) would share a key in an index and a
+    "source" in metadata, so keys are compared printed."""
     by_key: dict[str, tuple[str, str]] = {}
     by_output: dict[str, str] = {}
-    out_text = os.fspath(out)
+    out_text = os.fspath(plan.out_dir)
     first_of: dict[str, str] = {}
     shard_identity = functools.lru_cache(maxsize=64)(os.path.realpath)
-    suffix = f".{fmt}"
     for source, rel, member in candidates:
-        if "\0" in source:  # from a table, stdin or a tar header: no file system has such a name
-            plan.problems.append(InputError(source.replace("\0", "\\0"), "bad-name", "the path holds a NUL byte, "
-                                            "which no file name can"))
+        if member is not None and (problem := _nul(source)) is not None:  # a NUL byte in a tar header's name
+            plan.problems.append(problem)
             continue
         # Only existing regular files (and members of one) are the same by identity; anything else is its own input.
         if member is not None:
@@ -410,4 +343,3 @@ def plan_jobs(
         by_key[key] = (source, rel)
         by_output[where] = source
         plan.jobs.append(Job(source, rel, Path(where), member))
-    return plan

@@ -6,7 +6,7 @@ vitembed lists a shard's headers once, when it plans the run (``tarfile`` seeks 
 header, so listing reads a few bytes per member), and each decode reads one member's bytes by
 offset: nothing is extracted to disk, and members decode in any order and on any worker.
 
-Members whose names are not image names (``inputs.is_image_name``: the sample's ``.json``,
+Members whose names are not image names (``walk.is_image_name``: the sample's ``.json``,
 ``.txt``, ``.cls``) are not inputs. A member's key is ``<the shard's key>/<member name>``
 (``00000.tar/000123.jpg``), so outputs, resume, ``--shard`` and ``--pack`` work as for files.
 
@@ -97,7 +97,7 @@ class TarMember:
 
 
 def list_members(shard: str, problems: list[InputError]) -> Iterator[TarMember]:
-    """The image members of ``shard``, in the tar's order (``inputs.is_image_name`` on each name).
+    """The image members of ``shard``, in the tar's order (``walk.is_image_name`` on each name).
 
     A shard that is not a regular file, cannot be read, is compressed, or is not a tar is appended
     to ``problems`` (one ``InputError`` naming the shard) and gives no members. The members before a
@@ -107,7 +107,7 @@ def list_members(shard: str, problems: list[InputError]) -> Iterator[TarMember]:
     end cuts is still listed: it fails, kind ``truncated``, when it is read (``TarMember.read``).
     Link members with image names (symlinks, hard links) are reported as ``unsupported``.
     """
-    from .inputs import is_image_name
+    from .walk import is_image_name  # (walk.py takes shards by name from this module)
 
     try:
         f = open(shard, "rb", buffering=0) if stat.S_ISREG(os.stat(shard).st_mode) else None
