@@ -1,66 +1,26 @@
-"""The ``vitembed`` command: a thin layer over the Python API.
-
-Parses flags into the library's option objects (``options.py``: each value checked there), calls
-the library, and turns its errors into one line on stderr and an exit status (0 all good, 1 some
-inputs failed, 2 usage or setup error, 130 Ctrl-C, 143 SIGTERM). What is printed is
-``console.py``'s. Importing this module does not import torch.
-"""
+"""``vitembed encode``: plan, load the encoder, run, report; SIGTERM handled as Ctrl-C."""
 
 from __future__ import annotations
 
-import os
 import sys
-from enum import Enum
-from pathlib import Path
 from collections.abc import Iterable
 from typing import Annotated, Optional
 
 import typer
 
-from . import __version__
-from .catalog import CATALOG, DEFAULT_MODEL
-from .console import StdoutClosed, out, say, stderr
-from .errors import InputError, UsageError, VitembedError
-from .options import DTYPES, ENGINES, FORMATS, POOLS, SAVE_DTYPES
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    help="Turn image files into Vision Transformer embeddings (197x768 tokens per image for ViT-B/16).",
-)
-
-
-def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
-    """A click choice from the library's list of allowed values (written once, in ``options.py``)."""
-    return Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
-
-
-Pool, DType, SaveDType, Format, Engine = (
-    _choices(n, v) for n, v in
-    (("Pool", POOLS), ("DType", DTYPES), ("SaveDType", SAVE_DTYPES), ("Format", FORMATS), ("Engine", ENGINES)))
-
-
-def _opt(help: str, *names: str, default_shown: bool = False, **kwargs):
-    return typer.Option(*names, help=help, show_default=default_shown, **kwargs)
-
+from ..catalog import DEFAULT_MODEL
+from ..console import say, stderr
+from ..errors import UsageError, VitembedError
+from .common import (AsJson, CropPct, DType, Engine, Format, ImageSize, Interpolation, Mean, Model, Pool, Resize, SaveDType, Std,
+                     Weights, _fail, _opt, _quiet_pillow, app)
 
 # The flags of `vitembed encode`, one line each; ModelOptions, EncodingOptions and RunOptions say what each means.
 Inputs = Annotated[Optional[list[str]], typer.Argument(help="Image files, directories (searched recursively), WebDataset .tar shards (also as shards/{00000..00099}.tar), or - for paths on stdin.", show_default=False)]
 Out = Annotated[str, _opt("Output directory.", "--out", "-o")]
-Model = Annotated[str, _opt(f"Model name ({', '.join(CATALOG)}).", default_shown=True)]
-Weights = Annotated[Optional[str], _opt("Checkpoint directory (config.json + model.safetensors or pytorch_model.bin), a .safetensors/.bin file (architecture from --model), or 'random'.")]
 Seed = Annotated[int, _opt("Seed for --weights random (0 .. 2**63-1).", default_shown=True)]
 Layer = Annotated[str, _opt("last | embeddings | N (output of block N, 1..depth).", default_shown=True)]
 PoolOpt = Annotated[Pool, _opt("none: all tokens; cls: class token; mean: mean of patch tokens; patch: patch tokens; head: the family's own image embedding (SigLIP's attention-pooling head, CLIP's projection; `vitembed models`).", default_shown=True)]
 Normalize = Annotated[bool, _opt("L2-normalise pooled vectors (--pool cls, mean or head) to unit length.", "--normalize")]
-ImageSize = Annotated[Optional[int], _opt("Input size in pixels; the position embedding is resampled [default: the model's preprocessing size].")]
-Resize = Annotated[Optional[str], _opt("Override the model's resize: squash | shortest.")]
-Interpolation = Annotated[Optional[str], _opt("Override the resampling filter: bilinear, bicubic, ...")]
-CropPct = Annotated[Optional[float], _opt("timm's crop_pct: resize to size/crop_pct, then centre-crop.")]
-Mean = Annotated[Optional[str], _opt("Override the normalisation mean: R,G,B.")]
-Std = Annotated[Optional[str], _opt("Override the normalisation std: R,G,B.")]
 FormatOpt = Annotated[Format, _opt("Output file format.", "--format", default_shown=True)]
 BatchSize = Annotated[int, _opt("Images per model call.", default_shown=True)]
 Device = Annotated[str, _opt("auto | cpu | cuda | cuda:N | mps.", default_shown=True)]
@@ -77,7 +37,6 @@ FailFast = Annotated[bool, _opt("Stop at the first input that fails.", default_s
 Shard = Annotated[Optional[str], _opt("K/N: process only shard K (0-based) of N, by a stable hash of each output path.")]
 ListOnly = Annotated[bool, _opt("Print the planned input -> output pairs and exit, encoding nothing.", "--list")]
 MaxPixels = Annotated[Optional[int], _opt("Refuse images with more pixels than this [default: 178956970, twice Pillow's MAX_IMAGE_PIXELS].")]
-AsJson = Annotated[bool, _opt("One JSON object per input on stdout.", "--json")]
 Verbose = Annotated[bool, _opt("With --list: also name the files a folder walk passed over as not images.", "--verbose", "-v")]
 FromTable = Annotated[Optional[list[str]], _opt("Read input paths from a table: .parquet (needs pyarrow), .csv or .jsonl (repeatable).", "--from-table", metavar="FILE")]
 Column = Annotated[str, _opt("The --from-table column holding the paths.", default_shown=True)]
@@ -88,19 +47,6 @@ Actors = Annotated[Optional[int], _opt("--engine ray: model actors [default: one
 DecodeCpus = Annotated[float, _opt("--engine ray: CPUs each decode task reserves.", default_shown=True)]
 ActorCpus = Annotated[Optional[float], _opt("--engine ray: CPUs each model actor reserves [default: 1 with a GPU; else the node's CPUs less one decode task].")]
 Quiet = Annotated[bool, _opt("No panel or progress on stderr (warnings, errors and the summary line stay).", "--quiet", "-q")]
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"vitembed {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
-) -> None:
-    pass
 
 
 @app.command()
@@ -117,8 +63,8 @@ def encode(
     actor_cpus: ActorCpus = None, as_json: AsJson = False, verbose: Verbose = False, quiet: Quiet = False,
 ) -> None:
     """Encode images into embeddings under --out: one file per image, or N per file with --pack N."""
-    from . import console
-    from .options import EncodingOptions, ModelOptions, RayOptions, RunOptions
+    from .. import console
+    from ..options import EncodingOptions, ModelOptions, RayOptions, RunOptions
 
     _quiet_pillow()
     terminated = _stop_on_sigterm()
@@ -153,9 +99,9 @@ def encode(
 
 def _encode(inputs, stdin_paths, out_dir, options, encoding, run, *, list_only: bool, as_json: bool, verbose: bool, quiet: bool):
     """Plan, then (unless ``--list`` or nothing to do) load the encoder and run: (summary, encoder, DIR)."""
-    from . import console
-    from .outdir import check_out_dir
-    from .run import plan_run
+    from .. import console
+    from ..outdir import check_out_dir
+    from ..run import plan_run
 
     plan, layout = plan_run(inputs, out_dir, run, encoding.save_dtype, stdin_paths)  # refuses an empty --out
     if list_only:
@@ -168,9 +114,9 @@ def _encode(inputs, stdin_paths, out_dir, options, encoding, run, *, list_only: 
         found = f" ({console.passed_over_line(len(plan.passed_over))})" if plan.passed_over else ""
         say(f"warning: no image files found among the inputs{found}; nothing to do")
         return None, None, plan.out_dir
-    from .encoder import Encoder  # imports torch
-    from .run import encode_plan
-    from .runtime import usable_cores
+    from ..encoder import Encoder  # imports torch
+    from ..run import encode_plan
+    from ..runtime import usable_cores
 
     err = stderr(quiet)
     if quiet:
@@ -179,7 +125,7 @@ def _encode(inputs, stdin_paths, out_dir, options, encoding, run, *, list_only: 
         hf_logging.set_verbosity_error()
     cluster = None
     if run.engine == "ray":  # reach the cluster (and lay out the actors) before loading anything
-        from .engines.ray import connect
+        from ..engines.ray import connect
 
         cluster = connect(run.ray)
     encoder = Encoder(options=options, encoding=encoding, progress=not quiet and err.is_terminal)
@@ -189,38 +135,20 @@ def _encode(inputs, stdin_paths, out_dir, options, encoding, run, *, list_only: 
     return summary, encoder, plan.out_dir
 
 
-def _fail(message: str, code: int = 2) -> "typer.Exit":
-    say(f"error: {message}")
-    return typer.Exit(code)
-
-
-def _quiet_pillow() -> None:
-    import warnings
-
-    from PIL import Image
-
-    from .console import show_warning
-
-    # vitembed refuses images over the pixel limit itself, with a message naming the file.
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-    # Pillow warns about what it repairs (a corrupt EXIF block); the image is still good.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-    warnings.showwarning = show_warning
-
 
 def _stdin_inputs(inputs: list[str], null: bool, tables: list[str] = (), column: str = "path"):
     """(the inputs without ``-``, the paths read from stdin when ``-`` is among them, then those of
     the ``--from-table`` tables, read as planning goes)."""
     import itertools
 
-    from .inputs import read_path_list
+    from ..inputs import read_path_list
 
     if null and "-" not in inputs:
         raise UsageError("-0/--null applies to paths read from stdin: add - to the inputs "
                          "(find DIR -print0 | vitembed encode -0 - --out OUT)")
     if not inputs and not tables:
         raise UsageError("no inputs: name image files, folders or .tar shards, - for paths on stdin, or --from-table FILE")
-    from .tables import read_table_paths
+    from ..tables import read_table_paths
 
     rows: Iterable[str] = itertools.chain.from_iterable(read_table_paths(table, column) for table in tables)
     if "-" not in inputs:
@@ -246,85 +174,3 @@ def _stop_on_sigterm() -> list[bool]:
     signal.signal(signal.SIGTERM, on_sigterm)
     return terminated
 
-
-@app.command()
-def inspect(
-    files: Annotated[list[Path], typer.Argument(help=".safetensors or .npy files written by encode.", show_default=False)],
-    as_json: AsJson = False,
-) -> None:
-    """Show tensor names, shapes, dtypes, metadata and statistics of output files."""
-    import json
-
-    from .console import print_inspect
-    from .errors import shown
-    from .inspect import inspect_file
-
-    failed = 0
-    for file in files:
-        try:
-            info = inspect_file(file)
-        except InputError as e:
-            failed += 1
-            say(f"error: {e}")
-            continue
-        except Exception as e:  # one odd file must not hide the others
-            failed += 1
-            say(f"error: {shown(file)}: cannot inspect: {type(e).__name__}: {e}")
-            continue
-        if as_json:
-            out(json.dumps(info, ensure_ascii=False) + "\n")
-        else:
-            print_inspect(info)
-    if failed:
-        raise typer.Exit(1)
-
-
-@app.command()
-def models(as_json: Annotated[bool, _opt("One JSON object per model on stdout.", "--json")] = False) -> None:
-    """List the known model names."""
-    import json
-
-    from .console import model_line, model_row
-
-    for spec in CATALOG.values():
-        if as_json:
-            out(json.dumps(model_row(spec)) + "\n")
-        else:
-            typer.echo(model_line(spec))
-
-
-@app.command()
-def verify(
-    images: Annotated[Optional[list[str]], typer.Argument(help="Image files [default: a few synthetic images].", show_default=False)] = None,
-    model: Model = DEFAULT_MODEL, weights: Weights = None,
-    layer: Annotated[Optional[list[str]], _opt("Layer to compare (repeatable) [default: embeddings, the middle block, last].")] = None,
-    image_size: ImageSize = None, resize: Resize = None, interpolation: Interpolation = None, crop_pct: CropPct = None,
-    mean: Mean = None, std: Std = None,
-    as_json: Annotated[bool, _opt("One JSON object per compared item, then a summary, on stdout.", "--json")] = False,
-) -> None:
-    """Compare vitembed with the reference (transformers or timm) on these images and weights: inputs,
-    layers, pooled vectors. Exit 0 all within tolerance, 1 not, 2 usage error or no reference."""
-    from .console import print_verify
-    from .verify import verify as run_verify
-
-    _quiet_pillow()
-    try:
-        report = run_verify(model, weights, images or None, layer, image_size=image_size, resize=resize,
-                            interpolation=interpolation, crop_pct=crop_pct, mean=mean, std=std)
-    except VitembedError as e:
-        raise _fail(str(e), e.exit_code) from None
-    except KeyboardInterrupt:
-        raise _fail("interrupted", 130) from None
-    print_verify(report, as_json)
-    if not report.ok:
-        raise typer.Exit(1)
-
-
-def main() -> None:
-    """Console-script entry point."""
-    try:
-        app()
-    except (BrokenPipeError, StdoutClosed):  # `vitembed ... --json | head`: stop quietly, as SIGPIPE would (128 + 13)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        sys.exit(141)

@@ -1,0 +1,39 @@
+"""``vitembed verify``: vitembed against the reference implementation."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..catalog import DEFAULT_MODEL
+from ..errors import VitembedError
+from .common import CropPct, ImageSize, Interpolation, Mean, Model, Resize, Std, Weights, _fail, _opt, _quiet_pillow, app
+
+
+@app.command()
+def verify(
+    images: Annotated[Optional[list[str]], typer.Argument(help="Image files [default: a few synthetic images].", show_default=False)] = None,
+    model: Model = DEFAULT_MODEL, weights: Weights = None,
+    layer: Annotated[Optional[list[str]], _opt("Layer to compare (repeatable) [default: embeddings, the middle block, last].")] = None,
+    image_size: ImageSize = None, resize: Resize = None, interpolation: Interpolation = None, crop_pct: CropPct = None,
+    mean: Mean = None, std: Std = None,
+    as_json: Annotated[bool, _opt("One JSON object per compared item, then a summary, on stdout.", "--json")] = False,
+) -> None:
+    """Compare vitembed with the reference (transformers or timm) on these images and weights: inputs,
+    layers, pooled vectors. Exit 0 all within tolerance, 1 not, 2 usage error or no reference."""
+    from ..console import print_verify
+    from ..verify import verify as run_verify
+
+    _quiet_pillow()
+    try:
+        report = run_verify(model, weights, images or None, layer, image_size=image_size, resize=resize,
+                            interpolation=interpolation, crop_pct=crop_pct, mean=mean, std=std)
+    except VitembedError as e:
+        raise _fail(str(e), e.exit_code) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
+    print_verify(report, as_json)
+    if not report.ok:
+        raise typer.Exit(1)
+
