@@ -23,7 +23,7 @@ from .errors import InputError, UsageError, VitembedWarning
 from .families import family_of
 from .options import EncodingOptions, ModelOptions, split_fields
 from .preprocess import PatchBatch, collate_patches, load_pixels, normalize, normalize_patches, normalize_stats, resize
-from .runtime import TORCH_DTYPES, pack_for_cpu, resolve_device, resolve_dtype, usable_cores
+from .runtime import TORCH_DTYPES, pack_for_cpu, resolve_device, resolve_dtype, usable_cores, will_pack
 from .weights import ResolvedWeights, build_model, resolve_weights
 
 
@@ -41,6 +41,8 @@ class Encoder:
     ``model`` may also be a checkpoint folder or file, and ``weights`` an already resolved
     ``weights.ResolvedWeights``. Weights are found as the CLI finds them
     (``weights.resolve_weights``); ``progress`` shows huggingface_hub's download bars.
+    ``defer_model`` checks everything but builds the model only when first needed (``build``),
+    so that a run with nothing left to do does not load it.
 
     Random weights (``weights="random"``) are refused nowhere but warned about
     (``VitembedWarning``): their embeddings carry no meaning.
@@ -59,6 +61,7 @@ class Encoder:
         options: ModelOptions | None = None,
         encoding: EncodingOptions | None = None,
         progress: bool = False,
+        defer_model: bool = False,
         **fields: Any,
     ):
         if options is None and encoding is None:
@@ -85,21 +88,49 @@ class Encoder:
         same = (cfg.family, cfg.hidden_size, cfg.depth, cfg.patch_size) == (
             theirs.family, theirs.hidden_size, theirs.depth, theirs.patch_size)
         self.model_name = spec.name if same else f"checkpoint:{cfg.family}"  # not its path: resume must not depend on it
-        self.model = build_model(self.weights).to(device=self.device, dtype=self.dtype).eval()
-        self.packed, self._compiled, self._compiled_rows = False, None, 0
         self.naflex = cfg.naflex
         if opts.compile and self.naflex:
             warnings.warn("--compile: NaFlex batches change shape with every batch; running eager",
                           VitembedWarning, stacklevel=2)
-        elif opts.compile:
-            # On the CPU, Inductor's freezing packs the weights for oneDNN, as pack_for_cpu does for eager.
-            self._compiled = torch.compile(self.model, options={"freezing": True} if self.device.type == "cpu" else None)
-        else:
-            self.packed = pack_for_cpu(self.model)
+        self._model: torch.nn.Module | None = None
+        self._compiled, self._compiled_rows, self._packed = None, 0, False
+        if not defer_model:
+            self.build()
         self.stats = normalize_stats(self.weights.preprocess).to(self.device)  # (2, 3) mean, std
         if self.weights.random:
             warnings.warn("--weights random: the model has random weights; its embeddings carry no meaning.",
                           VitembedWarning, stacklevel=2)
+
+    def build(self) -> None:
+        """Build the model from the weights on the device (done by the constructor unless
+        ``defer_model``; again a no-op): compiled with ``compile``, else with packed CPU linears.
+
+        Raises:
+            CheckpointError: weights that do not fit the architecture.
+        """
+        if self._model is not None:
+            return
+        model = build_model(self.weights).to(device=self.device, dtype=self.dtype).eval()
+        if self.options.compile and not self.naflex:
+            # On the CPU, Inductor's freezing packs the weights for oneDNN, as pack_for_cpu does for eager.
+            self._compiled = torch.compile(model, options={"freezing": True} if self.device.type == "cpu" else None)
+        else:
+            self._packed = pack_for_cpu(model)
+        self._model = model
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The ``model.VisionTransformer`` (built now if the constructor deferred it)."""
+        if self._model is None:
+            self.build()
+        return self._model
+
+    @property
+    def packed(self) -> bool:
+        """Whether the block linears run as oneDNN packed linears (before ``build``: whether they will)."""
+        if self._model is None:
+            return (not self.options.compile or self.naflex) and will_pack(self.device, self.dtype)
+        return self._packed
 
     def __repr__(self) -> str:
         return (f"Encoder(model={self.model_name!r}, weights={self.weights.source!r}, layer={self.layer!r}, "
@@ -125,7 +156,10 @@ class Encoder:
 
     @property
     def compiled(self) -> bool:
-        """Whether the model runs through ``torch.compile`` (False again after a fallback to eager)."""
+        """Whether the model runs through ``torch.compile`` (False again after a fallback to eager;
+        before ``build``, whether it will)."""
+        if self._model is None:
+            return self.options.compile and not self.naflex
         return self._compiled is not None
 
     @property
@@ -317,7 +351,7 @@ class Encoder:
                     stacklevel=3,
                 )
                 self._compiled = None
-                self.packed = pack_for_cpu(self.model)
+                self._packed = pack_for_cpu(self.model)
         return self.model(x, layers=(self.layer,))[self.layer][:rows]
 
 

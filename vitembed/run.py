@@ -27,6 +27,7 @@ from .errors import InputError, UsageError, shown
 from .inputs import Job, Plan, plan_jobs
 from .layouts import Layout, for_run
 from .options import RunOptions, split_fields
+from .progress import Progress, Snapshot
 from .outdir import FAILURES_FILE, DirLock, DirState, append_failure, claim_dir, write_dir_state
 from .results import Result, Summary
 from .settings import run_settings
@@ -42,6 +43,8 @@ def encode(
     options: RunOptions | None = None,
     on_result: Callable[[Result], None] | None = None,
     stdin_paths: Iterable[str] = (),
+    progress: bool | Callable[[Snapshot], None] | Progress | None = None,
+    log_every: float = 30.0,
     **run_fields: Any,
 ) -> Summary:
     """Encode image files and directories into ``out_dir``: the Python form of ``vitembed encode``.
@@ -54,6 +57,10 @@ def encode(
         options: the run's ``RunOptions``; or give its fields as keywords (``pack=16``).
         on_result, stdin_paths: as ``encode_plan``; extra paths, placed as ``vitembed encode -``
             places them.
+        progress: True to show progress on stderr as the command does (a bar on a terminal or
+            in a notebook, else a plain line every ``log_every`` seconds); a callable to be handed a
+            ``progress.Snapshot`` (done, total, images/s, seconds left) after each batch; or a
+            ``progress.Progress`` to read yourself. None or False: nothing.
 
     Returns:
         The run's ``Summary``; inputs that could not be planned (missing paths,
@@ -84,7 +91,15 @@ def encode(
         raise UsageError(f"encode(): {', '.join(sorted(fields))} cannot be given with options=")
     (options,) = [options] if options is not None else split_fields(fields, RunOptions)
     plan, layout = plan_run(inputs, out_dir, options, encoder.save_dtype_name, stdin_paths)
-    return encode_plan(plan, encoder, layout, options, on_result)
+    if progress is True:
+        from .console import ProgressDisplay, stderr
+
+        counter = Progress(len(plan))
+        with ProgressDisplay(stderr(), counter, log_every):
+            return encode_plan(plan, encoder, layout, options, on_result, counter)
+    if callable(progress) and not isinstance(progress, Progress):
+        progress = Progress(len(plan), on_change=progress)
+    return encode_plan(plan, encoder, layout, options, on_result, progress or None)
 
 
 def plan_run(
@@ -113,6 +128,7 @@ def encode_plan(
     layout: Layout,
     options: RunOptions = RunOptions(),
     on_result: Callable[[Result], None] | None = None,
+    progress: Progress | None = None,
 ) -> Summary:
     """Run the stages over a plan on ``options.engine`` (``engines/``: decode, batch, model), the
     writes in a background thread, into ``layout``.
@@ -130,6 +146,8 @@ def encode_plan(
         options: batch size, workers, overwrite, fail_fast (``RunOptions``).
         on_result: called once per input from the write thread, in input order (with a packed
             layout, encoded inputs are reported when their part is written).
+        progress: counts each input as it is settled: images as their batch leaves the model
+            (before a ``--pack`` part is written), the others as they are reported.
 
     Raises:
         UsageError: DIR holds outputs made with other settings (unless ``overwrite``); NaFlex token
@@ -148,7 +166,7 @@ def encode_plan(
     lock = DirLock(Path(plan.out_dir))  # held (shared) until the run ends: see claim_dir
     try:
         todo, already, state = claim_dir(plan, settings, lock, options.overwrite, layout)
-        run = _Run(plan, layout.open(plan, metadata), summary, options.fail_fast, on_result)
+        run = _Run(plan, layout.open(plan, metadata), summary, options.fail_fast, on_result, progress)
     except BaseException:
         lock.close()
         raise
@@ -162,7 +180,12 @@ def encode_plan(
             if summary.stopped:
                 break
             run.report(result)
+            if progress is not None:
+                progress.settled()
         if not summary.stopped and todo:
+            encoder.build()  # deferred by the CLI until there is work for it
+            if progress is not None:
+                progress.restart_clock()
             run_jobs(options.engine, todo, encoder, options, run)
         _finish_overwrite(plan, layout, state, settings, summary)
     except KeyboardInterrupt:  # Ctrl-C: the outputs written so far are complete; report what was done
@@ -197,11 +220,17 @@ class _Run:
     """The write side of one run: hands embeddings to the layout's sink and counts and reports
     every result (``Summary``, ``DIR/failures.jsonl``, ``on_result``), in input order."""
 
-    def __init__(self, plan: Plan, sink, summary: Summary, fail_fast: bool, on_result: Callable | None):
+    def __init__(self, plan: Plan, sink, summary: Summary, fail_fast: bool, on_result: Callable | None,
+                 progress: Progress | None = None):
         self.out_dir, self.sink, self.summary = Path(plan.out_dir), sink, summary
-        self.fail_fast, self.on_result = fail_fast, on_result
+        self.fail_fast, self.on_result, self.progress = fail_fast, on_result, progress
         self.run_id = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.writer: WriteStage | None = None
+
+    def open_writer(self) -> WriteStage:
+        """The engine's writer (``self.writer``): batches handed to it count as progress."""
+        self.writer = WriteStage(self.write_batch, self.finish, on_put=self.progress.computed if self.progress else None)
+        return self.writer
 
     def report(self, result: Result) -> None:
         summary = self.summary

@@ -87,6 +87,18 @@ def _cpu_has_fast(dtype: torch.dtype) -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
+def fast_bf16_instructions(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The bfloat16 matrix instructions this CPU has, by its ``/proc/cpuinfo`` flags: ``AMX-BF16``,
+    ``AVX512-BF16``, or None (none, or no such file: not Linux). On such CPUs oneDNN runs
+    bfloat16 linears about 1.5-2x as fast as float32 (README, Speed)."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
@@ -153,6 +165,11 @@ def _packing_works() -> bool:
         return False
 
 
+def will_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``pack_for_cpu`` packs a model of this device and dtype."""
+    return device.type == "cpu" and dtype == torch.float32 and _packing_works()
+
+
 def pack_for_cpu(model: nn.Module) -> bool:
     """Swap the linears of a float32 CPU model for ``PackedLinear`` (inference only), in place.
 
@@ -163,7 +180,7 @@ def pack_for_cpu(model: nn.Module) -> bool:
     model's state dict is not usable afterwards.
     """
     first = next(model.parameters())
-    if first.device.type != "cpu" or first.dtype != torch.float32 or not _packing_works():
+    if not will_pack(first.device, first.dtype):
         return False
     def packed(linear: nn.Linear, fused_gelu: str | None = None) -> PackedLinear:
         return PackedLinear(linear.weight, linear.bias, fused_gelu)

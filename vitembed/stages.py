@@ -109,10 +109,12 @@ def model_stage(
 class WriteStage:
     """The write stage in a background thread: writes and reports each batch, in input
     order, while the model computes the next. At most ``depth`` batches wait in its
-    queue, so memory stays flat however many images there are."""
+    queue, so memory stays flat however many images there are. ``on_put`` (if given) is told
+    the size of each batch as it is handed over, i.e. as its images leave the model."""
 
-    def __init__(self, handle: Callable[[list, torch.Tensor | None], None], close: Callable[[], None], depth: int = 2):
-        self.handle, self.finish = handle, close
+    def __init__(self, handle: Callable[[list, torch.Tensor | None], None], close: Callable[[], None], depth: int = 2,
+                 on_put: Callable[[int], None] | None = None):
+        self.handle, self.finish, self.on_put = handle, close, on_put
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.closing = False
@@ -132,6 +134,8 @@ class WriteStage:
             self.error = self.error or e
 
     def put(self, chunk: list, embeddings: torch.Tensor | None) -> None:
+        if self.on_put is not None:
+            self.on_put(len(chunk))
         self.queue.put((chunk, embeddings))
 
     def close(self) -> None:

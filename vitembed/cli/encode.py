@@ -46,6 +46,7 @@ RayAddress = Annotated[Optional[str], _opt("--engine ray: the cluster's address 
 Actors = Annotated[Optional[int], _opt("--engine ray: model actors [default: one per GPU; one CPU actor per node without GPUs].")]
 DecodeCpus = Annotated[float, _opt("--engine ray: CPUs each decode task reserves.", default_shown=True)]
 ActorCpus = Annotated[Optional[float], _opt("--engine ray: CPUs each model actor reserves [default: 1 with a GPU; else the node's CPUs less one decode task].")]
+LogEvery = Annotated[float, _opt("When stderr is not a terminal (a batch log): print a progress line every this many seconds; 0: none.", min=0, default_shown=True)]
 Quiet = Annotated[bool, _opt("No panel or progress on stderr (warnings, errors and the summary line stay).", "--quiet", "-q")]
 
 
@@ -61,6 +62,7 @@ def encode(
     max_pixels: MaxPixels = None, from_table: FromTable = None, column: Column = "path", relative_to: RelativeTo = None,
     engine: EngineOpt = Engine.local, ray_address: RayAddress = None, actors: Actors = None, decode_cpus: DecodeCpus = 1.0,
     actor_cpus: ActorCpus = None, as_json: AsJson = False, verbose: Verbose = False, quiet: Quiet = False,
+    log_every: LogEvery = 30.0,
 ) -> None:
     """Encode images into embeddings under --out: one file per image, or N per file with --pack N."""
     from .. import console
@@ -83,7 +85,8 @@ def encode(
                          fail_fast=fail_fast, shard=shard, relative_to=relative_to, engine=engine.value,
                          ray=RayOptions(address=ray_address, actors=actors, decode_cpus=decode_cpus, actor_cpus=actor_cpus))
         summary, encoder, out_dir = _encode(inputs, stdin_paths, out_dir, options, encoding, run,
-                                            list_only=list_only, as_json=as_json, verbose=verbose, quiet=quiet)
+                                            list_only=list_only, as_json=as_json, verbose=verbose, quiet=quiet,
+                                            log_every=log_every)
     except VitembedError as e:
         raise _fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:
@@ -97,7 +100,8 @@ def encode(
         raise typer.Exit(1)
 
 
-def _encode(inputs, stdin_paths, out_dir, options, encoding, run, *, list_only: bool, as_json: bool, verbose: bool, quiet: bool):
+def _encode(inputs, stdin_paths, out_dir, options, encoding, run, *, list_only: bool, as_json: bool, verbose: bool, quiet: bool,
+            log_every: float):
     """Plan, then (unless ``--list`` or nothing to do) load the encoder and run: (summary, encoder, DIR)."""
     from .. import console
     from ..outdir import check_out_dir
@@ -115,6 +119,7 @@ def _encode(inputs, stdin_paths, out_dir, options, encoding, run, *, list_only: 
         say(f"warning: no image files found among the inputs{found}; nothing to do")
         return None, None, plan.out_dir
     from ..encoder import Encoder  # imports torch
+    from ..progress import Progress
     from ..run import encode_plan
     from ..runtime import usable_cores
 
@@ -128,10 +133,11 @@ def _encode(inputs, stdin_paths, out_dir, options, encoding, run, *, list_only: 
         from ..engines.ray import connect
 
         cluster = connect(run.ray)
-    encoder = Encoder(options=options, encoding=encoding, progress=not quiet and err.is_terminal)
-    console.start_panel(err, encoder, run.workers or usable_cores(), plan.out_dir, run.pack, cluster)
-    with console.EncodeProgress(err, total=len(plan), enabled=not quiet) as progress:
-        summary = encode_plan(plan, encoder, layout, run, console.EncodeReport(err, progress, as_json))
+    encoder = Encoder(options=options, encoding=encoding, progress=not quiet and err.is_terminal, defer_model=True)
+    console.start_panel(err, encoder, run.workers or usable_cores(), plan.out_dir, run.pack, cluster, dtype_asked=options.dtype)
+    progress = Progress(len(plan))
+    with console.ProgressDisplay(err, progress, log_every):
+        summary = encode_plan(plan, encoder, layout, run, console.EncodeReport(err, as_json), progress)
     return summary, encoder, plan.out_dir
 
 

@@ -5,7 +5,7 @@
 
 An engine is a function ``run_jobs(todo, encoder, options, run)``: it encodes the jobs ``todo``
 (``inputs.Job``, already planned, claimed and resumed by ``run.encode_plan``) and hands each
-batch, in input order, to ``run.writer`` (a ``stages.WriteStage`` over the run's layout sink),
+batch, in input order, to ``run.open_writer()`` (a ``stages.WriteStage`` over the run's layout sink),
 as ``(chunk, embeddings)``: ``chunk`` the jobs with their decoded pixels or ``InputError``,
 ``embeddings`` the (B, ...) tensor of the chunk's images (or ``encoder.RaggedRows``; None when it
 holds none). The layout, atomic writes, resume and ``failures.jsonl`` are the run's, so outputs of

@@ -6,14 +6,14 @@ import torch
 
 from ..preprocess import load_pixels
 from ..runtime import usable_cores
-from ..stages import WriteStage, batch_stage, decode_stage, model_stage
+from ..stages import batch_stage, decode_stage, model_stage
 
 
 def run_jobs(todo, encoder, options, run) -> None:
     """Decode (``options.workers`` threads), batch, encode (``encoder.thread_layout``) and write
     ``todo`` (the write in ``run.writer``'s thread); see ``engines``."""
     pre, decode = encoder.preprocess_config, encoder.encoding.decode
-    run.writer = WriteStage(run.write_batch, run.finish)
+    run.open_writer()
     model_threads, torch_threads = encoder.thread_layout()
     torch.set_num_threads(torch_threads)  # per model thread; restored by the caller
     decoded = decode_stage(todo, lambda job: load_pixels(job.image, pre, decode), options.workers or usable_cores(),

@@ -300,7 +300,6 @@ def _stream(ray, cluster: Cluster, todo, encoder, options, run) -> None:
     import torch
 
     from ..encoder import RaggedRows
-    from ..stages import WriteStage
 
     weights = encoder.weights
     if weights.file is not None:  # the actors' current folder is not the driver's
@@ -318,7 +317,7 @@ def _stream(ray, cluster: Cluster, todo, encoder, options, run) -> None:
         batch_size=options.batch_size, compute=ray.data.ActorPoolStrategy(size=cluster.actors),
         num_cpus=cluster.actor_cpus, num_gpus=cluster.actor_gpus or None, batch_format="numpy")
     save_dtype = encoder.save_dtype
-    run.writer = WriteStage(run.write_batch, run.finish)
+    run.open_writer()
     for batch in encoded.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
         chunk = []
         for index, kind, reason in zip(batch["index"], batch["error_kind"], batch["error_reason"]):
