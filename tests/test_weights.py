@@ -196,3 +196,28 @@ def test_memory_check_counts_parameters_exactly():
     assert num_parameters(cfg) == sum(p.numel() for p in VisionTransformer(cfg).parameters())
     assert num_parameters(ViTConfig()) == 85_798_656  # ViT-B/16 at 224 without a head
     assert torch.get_default_device().type == "cpu"  # counting on meta leaves the default alone
+
+
+def test_without_network_the_hub_is_given_up_in_seconds_with_the_way_out(tmp_path):
+    """No HF_HUB_OFFLINE and a Hub that cannot be reached: the cache is read, then one connection
+    attempt, not huggingface_hub's 25 s of retries; the message names HF_HUB_OFFLINE=1 and --weights."""
+    import time
+
+    from .conftest import photo, run_cli
+
+    photo().save(tmp_path / "a.png")
+    env = {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "https://hub.vitembed-test.invalid", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    start = time.monotonic()
+    r = run_cli("encode", str(tmp_path / "a.png"), "--out", str(tmp_path / "out"), "--model", "dino-vits16", env=env, cwd=tmp_path)
+    seconds = time.monotonic() - start
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "hub.vitembed-test.invalid:443 cannot be reached" in err
+    assert "HF_HUB_OFFLINE=1" in err and "--weights DIR" in err and "Retry" not in err
+    assert seconds < 5, seconds
+
+
+def test_hub_unreachable_probes_the_proxy_when_one_is_set():
+    from vitembed.weights import hub_unreachable
+
+    why = hub_unreachable("https://huggingface.co", timeout=1.0, environ={"HTTPS_PROXY": "http://proxy.vitembed-test.invalid:3128"})
+    assert why is not None and why.startswith("the proxy proxy.vitembed-test.invalid:3128 cannot be reached")

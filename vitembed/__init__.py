@@ -37,6 +37,10 @@ _LAZY = {
     "EngineError": "errors",
     "RayOptions": "options",
     "read_table_paths": "tables",
+    "export_vectors": "export",
+    "show_outputs": "show",
+    "pca_maps": "show",
+    "Progress": "progress",
 }
 
 __all__ = ["__version__", *_LAZY]

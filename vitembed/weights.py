@@ -191,6 +191,9 @@ def _from_hub(spec: ModelSpec, progress: bool) -> tuple[ResolvedWeights | None, 
         if not local_only and constants.HF_HUB_OFFLINE:
             reasons.append("download not tried: HF_HUB_OFFLINE is set")
             break
+        if not local_only and (unreachable := hub_unreachable(constants.ENDPOINT)):
+            reasons.append(f"download not tried: {unreachable}")  # not 25 s of retries
+            break
         try:
             first_file = Path(hf_hub_download(spec.repo, first, local_files_only=local_only))
         except Exception as e:  # huggingface_hub raises many kinds: offline, not cached, HTTP
@@ -211,6 +214,30 @@ def _from_hub(spec: ModelSpec, progress: bool) -> tuple[ResolvedWeights | None, 
             config = ViTConfig.from_transformers(_read_json(first_file), str(first_file))
             return _for_checkpoint(f"hf://{spec.repo}", config, None, spec, file), ""
     return None, "; ".join(reasons)
+
+
+def hub_unreachable(endpoint: str, timeout: float = 2.0, environ: dict[str, str] | None = None) -> str | None:
+    """Why the Hub at ``endpoint`` (``HF_ENDPOINT``, https://huggingface.co) cannot be reached, or
+    None: one TCP connection attempt of at most ``timeout`` seconds to it, or to the proxy that
+    ``HTTPS_PROXY``/``HTTP_PROXY`` name, so that a machine without network fails in seconds
+    instead of through huggingface_hub's retries."""
+    import socket
+    from urllib.parse import urlsplit
+
+    environ = os.environ if environ is None else environ
+    url = urlsplit(endpoint)
+    names = ("HTTPS_PROXY", "https_proxy") if url.scheme == "https" else ("HTTP_PROXY", "http_proxy")
+    proxy = next((environ[k] for k in (*names, "ALL_PROXY", "all_proxy") if environ.get(k)), None)
+    target = urlsplit(proxy if "://" in (proxy or "") else f"http://{proxy}") if proxy else url
+    host, port = target.hostname, target.port or (443 if target.scheme == "https" else 80)
+    if not host:
+        return None
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        what = f"the proxy {host}:{port}" if proxy else f"{host}:{port}"
+        return f"{what} cannot be reached ({e.strerror or type(e).__name__})"
+    return None
 
 
 def resolve_weights(
@@ -265,8 +292,9 @@ def resolve_weights(
         f"  - vitembed encode ... --weights FILE.safetensors   (architecture from --model)\n"
         f"  - export {ENV_VAR}=DIR\n"
         f"  - put config.json and model.safetensors in {local}/\n"
-        f"  - on a machine with network access, run once without HF_HUB_OFFLINE to download {spec.repo}\n"
-        f"    into the Hugging Face cache, or: hf download {spec.repo} config.json model.safetensors\n"
+        f"  - on a machine with network access: hf download {spec.repo} (into the Hugging Face cache,\n"
+        f"    which later runs read first), or copy its files to a folder and pass --weights DIR\n"
+        f"  - without network, set HF_HUB_OFFLINE=1 so that only the cache is read, at once\n"
         f"  - vitembed encode ... --weights random   (random weights: meaningless embeddings, for testing)"
     )
 

@@ -12,7 +12,7 @@ import os
 import sys
 
 from ..console import StdoutClosed
-from . import encode, inspect, models, verify  # noqa: F401  (each registers its command)
+from . import encode, export, inspect, models, show, verify  # noqa: F401  (each registers its command)
 from .common import app
 
 __all__ = ["app", "main"]
