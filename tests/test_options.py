@@ -38,3 +38,15 @@ def test_encode_refuses_encoder_options_next_to_an_encoder(tmp_path, small_ckpt)
         vitembed.encode([str(tmp_path)], tmp_path / "out", encoder=_encoder(small_ckpt), layer="2", bogus=1)
     with pytest.raises(UsageError, match="layer cannot be given with encoder="):
         vitembed.encode([str(tmp_path)], tmp_path / "out", encoder=_encoder(small_ckpt), layer="2")
+
+
+def test_an_unknown_model_name_gets_the_closest_known_names():
+    from vitembed.catalog import get_model_spec
+    from vitembed.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"unknown model 'dinov2-smal'; did you mean 'dinov2-small'"):
+        get_model_spec("dinov2-smal")
+    with pytest.raises(UsageError, match=r"did you mean 'vit_small_patch16_224.augreg_in21k'"):
+        get_model_spec("vit-small-patch16-224")  # timm's name, written with hyphens
+    with pytest.raises(UsageError, match=r"unknown model 'xyz'; `vitembed models` lists the \d+ known names"):
+        get_model_spec("xyz")
