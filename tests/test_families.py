@@ -3,6 +3,7 @@ same model, and every pooling gives the shapes that its prefix tokens call for."
 
 from __future__ import annotations
 
+import json
 import pytest
 import torch
 
@@ -88,5 +89,31 @@ def test_models_lists_every_family_with_tokens_prefix_tokens_head_and_preprocess
         row = rows[name]
         assert (row["tokens"], row["prefix_tokens"], row["head_size"], row["resize_backend"], row["interpolation"]) == want
     text = run_cli("models").stdout.decode().splitlines()
+    header = text[0].split()
+    assert header[:7] == ["name", "family", "variant", "tokens", "prefix", "head", "weights"]
     line = next(line for line in text if line.startswith("siglip-so400m-patch14-384 "))
-    assert "729x1152" in line and "prefix=0" in line and "head=1152" in line and "squash 384 bicubic" in line
+    assert line.split()[:7] == ["siglip-so400m-patch14-384", "siglip", "So400m/14", "729x1152", "0", "1152", "-"]
+    assert "squash 384 bicubic" in line
+    starts = {text[0].index(column) for column in ("family", "tokens", "weights", "preprocessing", "repository")}
+    assert all(line[i - 1] == " " and line[i] != " " for line in text[1:] for i in starts)  # aligned columns
+
+
+def test_models_marks_the_names_with_weights_on_disk(tmp_path):
+    """``local``: a weights/<name>/ folder here; ``cache``: config and weights in the Hugging Face
+    cache (laid out as huggingface_hub lays it out); nothing is fetched."""
+    from .conftest import run_cli
+
+    (tmp_path / "weights" / "dino-vits16").mkdir(parents=True)
+    snapshot = tmp_path / "cache" / "models--facebook--dinov2-small" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_text("{}")
+    env = {"HF_HUB_CACHE": str(tmp_path / "cache")}
+    rows = {r["name"]: r["weights_on_disk"] for r in map(json.loads, run_cli("models", "--json", env=env, cwd=tmp_path).stdout.decode().splitlines())}
+    assert rows["dino-vits16"] == "local" and rows["dinov2-small"] == "cache"
+    assert [n for n, where in rows.items() if where] == ["dino-vits16", "dinov2-small"]
+    text = run_cli("models", env=env, cwd=tmp_path).stdout.decode().splitlines()
+    column = text[0].index("weights")
+    assert {line.split()[0]: line[column:].split()[0] for line in text[1:]}["dinov2-small"] == "cache"

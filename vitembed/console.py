@@ -257,17 +257,20 @@ def model_row(spec: Any) -> dict:
     }
 
 
-def model_line(spec: Any) -> str:
-    """One catalog entry as ``vitembed models`` prints it: name, family, variant, tokens x width,
-    prefix tokens, the ``--pool head`` width (``-`` for none), preprocessing, repository."""
-    row = model_row(spec)
-    pre = spec.preprocess
-    resize = (f"{pre.resize} {pre.resize_to}{f' crop {pre.image_size}' if pre.crop else ''} {pre.interpolation}"
-              f"{' (float)' if pre.backend == 'torch' else ''}")
-    shape, head = f"{row['tokens']}x{row['hidden_size']}", row["head_size"] or "-"
-    return (f"{spec.name:<34} {spec.family:<6} {spec.variant:<9} {shape:<9} "
-            f"prefix={row['prefix_tokens']:<2} head={head:<5} {resize} "
-            f"mean={list(pre.mean)} std={list(pre.std)}  {spec.repo}")
+def model_lines(specs: list[Any], on_disk: dict[str, str | None]) -> list[str]:
+    """The catalog as ``vitembed models`` prints it, in aligned columns: name, family, variant,
+    tokens x width, prefix tokens, the ``--pool head`` width (``-`` for none), where weights are
+    on disk (``weights.weights_on_disk``: ``local``, ``cache`` or ``-``), preprocessing, repository."""
+    table = [("name", "family", "variant", "tokens", "prefix", "head", "weights", "preprocessing", "mean / std", "repository")]
+    for spec in specs:
+        row, pre = model_row(spec), spec.preprocess
+        resize = (f"{pre.resize} {pre.resize_to}{f' crop {pre.image_size}' if pre.crop else ''} {pre.interpolation}"
+                  f"{' (float)' if pre.backend == 'torch' else ''}")
+        norm = f"{','.join(f'{v:g}' for v in pre.mean)} / {','.join(f'{v:g}' for v in pre.std)}"
+        table.append((spec.name, spec.family, spec.variant, f"{row['tokens']}x{row['hidden_size']}", str(row["prefix_tokens"]),
+                      str(row["head_size"] or "-"), on_disk.get(spec.name) or "-", resize, norm, spec.repo))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
 
 
 def print_verify(report: Any, as_json: bool) -> None:

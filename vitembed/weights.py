@@ -176,6 +176,24 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{shown(path)}: not valid JSON: {e}") from None
 
 
+def weights_on_disk(spec: ModelSpec, cwd: str | os.PathLike | None = None) -> str | None:
+    """Where weights for ``spec`` lie on this machine, without any network request: ``"local"``
+    (``weights/<name>/`` under ``cwd``), ``"cache"`` (its files in the Hugging Face cache), or None."""
+    if (Path(cwd or os.getcwd()) / "weights" / spec.name).exists():
+        return "local"
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(name: str) -> bool:
+        try:
+            return isinstance(try_to_load_from_cache(spec.repo, name), str)
+        except Exception:  # an odd cache folder is not weights
+            return False
+
+    if spec.source == "timm":
+        return "cache" if cached("model.safetensors") else None
+    return "cache" if cached("config.json") and any(cached(name) for name in WEIGHT_FILES) else None
+
+
 def _from_hub(spec: ModelSpec, progress: bool) -> tuple[ResolvedWeights | None, str]:
     """Weights from the Hugging Face cache, downloading them if allowed. Returns (weights, why not)."""
     from huggingface_hub import constants, hf_hub_download
