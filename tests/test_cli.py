@@ -92,7 +92,9 @@ def test_inspect_reads_outputs_back(tmp_path, small_ckpt):
         array, meta = _load(file)
         (tensor,) = info["tensors"]
         assert tensor["name"] == "embedding" and tensor["shape"] == [17, 48] and tensor["dtype"] == "float32"
-        assert info["metadata"] == meta
+        from vitembed.inspect import typed_metadata
+
+        assert info["metadata"] == typed_metadata(meta) and info["metadata"]["depth"] == int(meta["depth"])
         stats = tensor["stats"]
         assert stats["min"] == pytest.approx(float(array.min())) and stats["max"] == pytest.approx(float(array.max()))
         assert stats["mean"] == pytest.approx(float(array.astype(np.float64).mean()))

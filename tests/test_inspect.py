@@ -27,7 +27,7 @@ def test_inspect_survives_odd_arrays_and_goes_on(tmp_path):
     assert infos["zero.npy"]["tensors"][0]["stats"]["token0_l2"] is None
     assert infos["huge.npy"]["tensors"][0]["stats"]["std"] is None  # overflows float64: null, not Infinity
     assert infos["ok.npy"]["tensors"][0]["stats"]["token0_l2"] == pytest.approx(3**0.5)
-    assert f"{tmp_path / 'dir.safetensors'}: not a regular file" in r.stderr.decode()
+    assert f"{tmp_path / 'dir.safetensors'}: no vitembed outputs here" in r.stderr.decode()  # a folder: inspect_dir
 
 
 def test_inspect_escapes_names_in_its_human_output(tmp_path, small_ckpt):

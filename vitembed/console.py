@@ -234,10 +234,28 @@ def print_inspect(info: dict) -> None:
     if info["metadata"]:
         console.print("  metadata:", markup=False)
         width = max(map(len, info["metadata"]))
-        for key, value in sorted(info["metadata"].items()):
+        for key, value in info["metadata"].items():
             if len(value) > 200:  # a pack's keys/sources lists: --json has them whole
                 value = f"{value[:160]}... ({len(value)} characters; --json shows all)"
             console.print(f"    {shown(key):<{width}}  {shown(value)}", markup=False)
+
+
+def print_inspect_dir(info: dict) -> None:
+    """``vitembed inspect DIR``, for humans, on stdout: layout, count, shape, dtype, settings."""
+    console = Console(highlight=False, soft_wrap=True)
+    layout = {"packed": f"packed ({info.get('parts', 0)} parts + index.jsonl)", "files": "one file per image"}.get(
+        info["layout"], "no outputs yet")
+    console.print(f"{shown(info['path'])} (folder): {layout}, {info['outputs']} outputs", markup=False)
+    if info["shape"] is not None:
+        console.print(f"  each: shape {tuple(info['shape'])} {info['dtype']} ({info['format']})", markup=False)
+    settings = info["settings"] or {}
+    if settings:
+        console.print("  settings (vitembed.json):", markup=False)
+        width = max(map(len, settings))
+        for key, value in settings.items():
+            console.print(f"    {shown(key):<{width}}  {shown(str(value))}", markup=False)
+    else:
+        console.print("  settings: no readable vitembed.json", markup=False)
 
 
 def model_row(spec: Any) -> dict:

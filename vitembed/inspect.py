@@ -55,8 +55,13 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
     name = os.fspath(path)
     if not os.path.lexists(name):
         raise InputError(name, "not-found", "no such file")
+    if os.path.isdir(name):
+        raise InputError(name, "unreadable", "a folder: inspect_dir summarises it")
     if not os.path.isfile(name):
         raise InputError(name, "unreadable", "not a regular file")
+    if os.path.basename(name) in ("vitembed.json", "index.jsonl", "failures.jsonl"):
+        raise InputError(name, "unreadable", "a bookkeeping file of an output folder, not an output: "
+                         "`vitembed inspect` the folder (with --key KEY for a row of a --pack folder)")
     try:
         if name.endswith(".npy"):
             array = np.load(name, allow_pickle=False, mmap_mode="r")
@@ -80,3 +85,119 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
     for t in tensors:
         t["stats"] = tensor_stats(np.asarray(t.pop("array")), packed=metadata.get("layout") == "packed" and "rows" in metadata)
     return {"path": printable(name), "format": fmt, "metadata": metadata, "tensors": tensors}
+
+
+# The order metadata is shown in (the order encode writes it; other keys follow, sorted), and the
+# keys whose values are numbers or flags: --json gives them as JSON numbers and booleans (the files
+# keep strings, as safetensors metadata must).
+METADATA_ORDER = (
+    "source", "key", "part", "row", "format", "layout", "rows", "vitembed_version", "model", "family", "weights", "weights_sha256",
+    "random_weights", "layer", "pool", "normalize", "tokens", "hidden_size", "depth", "num_heads", "mlp_dim", "mlp",
+    "layer_norm_eps", "act", "prefix_tokens", "grid", "patch_size", "pos_embed", "image_size", "resize", "resize_size",
+    "resize_backend", "max_num_patches", "crop", "crop_rounding", "crop_pct", "interpolation", "mean", "std", "dtype",
+    "save_dtype", "compile", "background", "allow_truncated",
+)
+NUMBER_KEYS = {"rows", "row", "tokens", "hidden_size", "depth", "num_heads", "mlp_dim", "layer_norm_eps", "prefix_tokens",
+               "patch_size", "image_size", "resize_size", "max_num_patches", "crop_pct"}
+FLAG_KEYS = {"random_weights", "crop", "compile", "allow_truncated", "normalize"}
+
+
+def typed_metadata(metadata: dict[str, str]) -> dict[str, Any]:
+    """``metadata`` in ``METADATA_ORDER`` (then the other keys, sorted), with the values of
+    ``NUMBER_KEYS`` as int or float and of ``FLAG_KEYS`` as bool where they parse (else left as text)."""
+    rank = {k: i for i, k in enumerate(METADATA_ORDER)}
+    ordered: dict[str, Any] = {}
+    for key in sorted(metadata, key=lambda k: (rank.get(k, len(rank)), k)):
+        value: Any = metadata[key]
+        if key in NUMBER_KEYS and isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+        elif key in FLAG_KEYS and value in ("true", "false"):
+            value = value == "true"
+        ordered[key] = value
+    return ordered
+
+
+def inspect_dir(path: str | os.PathLike) -> dict[str, Any]:
+    """Summarise an output folder: its layout, how many outputs it holds, the settings
+    ``DIR/vitembed.json`` records, and one output's shape and dtype (per image).
+
+    Returns:
+        ``{"path", "kind": "folder", "layout": "files" | "packed" | None, "outputs", "parts"
+        (packed only), "format", "shape", "dtype", "settings": {...} | None}``.
+
+    Raises:
+        InputError: not a folder, or a folder without outputs nor ``vitembed.json``.
+    """
+    from pathlib import Path
+
+    from .layouts.files import _outputs_under
+    from .layouts.packed_index import INDEX_FILE, PART_NAME, scan_index
+    from .outdir import SETTINGS_FILE, read_dir_state
+
+    folder, name = Path(path), os.fspath(path)
+    settings = read_dir_state(folder, tolerate_bad=True).settings
+    info: dict[str, Any] = {"path": printable(name), "kind": "folder", "layout": None, "outputs": 0, "format": None,
+                            "shape": None, "dtype": None, "settings": settings}
+    first = None
+    if (folder / INDEX_FILE).exists() or any(PART_NAME.match(n) for n in os.listdir(folder)):
+        latest, _ = scan_index(folder)
+        parts = {e.get("part") for e in latest.values()}
+        info.update(layout="packed", outputs=len(latest), parts=len(parts), format="safetensors")
+        first = folder / sorted(p for p in parts if isinstance(p, str))[0] if parts else None
+    else:
+        first = None
+        for count, file in enumerate(_outputs_under(folder), 1):
+            first, info["outputs"] = first or file, count
+        if first is not None:
+            info.update(layout="files", format="npy" if first.suffix == ".npy" else "safetensors")
+    if first is None and settings is None:
+        raise InputError(name, "unreadable", f"no vitembed outputs here (no {SETTINGS_FILE}, part files or output files)")
+    if first is not None and first.exists():
+        tensor = inspect_file(first)["tensors"][0]
+        info.update(shape=tensor["shape"][1:] if info["layout"] == "packed" else tensor["shape"], dtype=tensor["dtype"])
+    return info
+
+
+def inspect_row(folder: str | os.PathLike, key: str) -> dict[str, Any]:
+    """One row of a packed folder, by its key in ``index.jsonl``: as ``inspect_file`` describes a
+    file (the row's tensor and statistics; the part's metadata with this row's ``key`` and
+    ``source`` in place of the part's lists).
+
+    Raises:
+        InputError: not a packed folder, an unknown key, or a part that cannot be read.
+    """
+    from pathlib import Path
+
+    from .layouts.packed_index import PACK_TENSOR, scan_index
+
+    name = os.fspath(folder)
+    latest, _ = scan_index(Path(folder))
+    if not latest:
+        raise InputError(name, "not-found", "no packed outputs here (--key reads a row of a --pack folder)")
+    entry = latest.get(key)
+    if entry is None:
+        raise InputError(name, "not-found", f"no row with key {key!r} in its index.jsonl")
+    part = Path(folder) / entry["part"]
+    info = inspect_file(part)
+    row = int(entry["row"])
+    try:
+        from safetensors import safe_open
+
+        from .tensors import bf16_tensor
+
+        with safe_open(str(part), framework="numpy") as f:
+            dtype = f.get_slice(PACK_TENSOR).get_dtype()
+            array = bf16_tensor(str(part), PACK_TENSOR)[row] if dtype == "BF16" else f.get_slice(PACK_TENSOR)[row]
+    except Exception as e:
+        raise InputError(os.fspath(part), "unreadable", f"row {row}: {e}") from None
+    metadata = {k: v for k, v in info["metadata"].items() if k not in ("keys", "sources", "rows")}
+    metadata.update(key=key, source=str(entry.get("source", "")), part=entry["part"], row=str(row))
+    tensor = {"name": PACK_TENSOR, "shape": list(array.shape), "dtype": info["tensors"][0]["dtype"],
+              "stats": tensor_stats(np.asarray(array))}
+    return {"path": printable(os.fspath(part)), "format": "safetensors", "metadata": metadata, "tensors": [tensor]}
