@@ -217,7 +217,7 @@ def test_without_network_the_hub_is_given_up_in_seconds_with_the_way_out(tmp_pat
 
 
 def test_hub_unreachable_probes_the_proxy_when_one_is_set():
-    from vitembed.weights import hub_unreachable
+    from vitembed.hub import hub_unreachable
 
     why = hub_unreachable("https://huggingface.co", timeout=1.0, environ={"HTTPS_PROXY": "http://proxy.vitembed-test.invalid:3128"})
     assert why is not None and why.startswith("the proxy proxy.vitembed-test.invalid:3128 cannot be reached")

@@ -278,7 +278,7 @@ def model_row(spec: Any) -> dict:
 def model_lines(specs: list[Any], on_disk: dict[str, str | None]) -> list[str]:
     """The catalog as ``vitembed models`` prints it, in aligned columns: name, family, variant,
     tokens x width, prefix tokens, the ``--pool head`` width (``-`` for none), where weights are
-    on disk (``weights.weights_on_disk``: ``local``, ``cache`` or ``-``), preprocessing, repository."""
+    on disk (``hub.weights_on_disk``: ``local``, ``cache`` or ``-``), preprocessing, repository."""
     table = [("name", "family", "variant", "tokens", "prefix", "head", "weights", "preprocessing", "mean / std", "repository")]
     for spec in specs:
         row, pre = model_row(spec), spec.preprocess

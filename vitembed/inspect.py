@@ -151,7 +151,6 @@ def inspect_dir(path: str | os.PathLike) -> dict[str, Any]:
         info.update(layout="packed", outputs=len(latest), parts=len(parts), format="safetensors")
         first = folder / sorted(p for p in parts if isinstance(p, str))[0] if parts else None
     else:
-        first = None
         for count, file in enumerate(_outputs_under(folder), 1):
             first, info["outputs"] = first or file, count
         if first is not None:

@@ -16,7 +16,7 @@ def models(as_json: Annotated[bool, _opt("One JSON object per model on stdout.",
     import json
 
     from ..console import model_lines, model_row
-    from ..weights import weights_on_disk
+    from ..hub import weights_on_disk
 
     on_disk = {name: weights_on_disk(spec) for name, spec in CATALOG.items()}
     if as_json:
