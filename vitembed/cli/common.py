@@ -3,15 +3,17 @@ turning a library error into one line on stderr and an exit status."""
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from .. import __version__
-from ..catalog import CATALOG
 from ..console import say
 from ..options import DTYPES, ENGINES, FORMATS, POOLS, SAVE_DTYPES
+from ..preprocess_config import INTERPOLATIONS
 
 app = typer.Typer(
     add_completion=False,
@@ -19,6 +21,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     help="Turn image files into Vision Transformer embeddings (197x768 tokens per image for ViT-B/16).",
+    epilog="\b\nStart here (random weights need no download):\n"
+           "  vitembed encode photos/ --out emb/ --weights random --model deit-tiny-patch16-224\n"
+           "  vitembed inspect emb/\n"
+           "  vitembed show emb/ --out features.png\n"
+           "  vitembed export emb/ vectors.npy --pool cls\n"
+           "Each command's --help says what its options mean and its exit codes.",
 )
 
 
@@ -36,17 +44,93 @@ def _opt(help: str, *names: str, default_shown: bool = False, **kwargs):
     return typer.Option(*names, help=help, show_default=default_shown, **kwargs)
 
 
-# The flags of `vitembed encode`, one line each; ModelOptions, EncodingOptions and RunOptions say what each means.
+class HelpCommand(TyperCommand):
+    """A command whose ``--help`` names values by their metavar (``--out DIR``, ``--layer LAYER``,
+    ``--pool none|cls|mean``), never by a Python type (``<list[str]>``, ``<float range>``)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        """``[OPTIONS] PATH...`` (required) or ``[INPUT]...`` (optional), not Typer's ``{PATH}...``."""
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar or (param.name or "").upper()
+                pieces.append((name if param.required else f"[{name}]") + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+    def format_options(self, ctx, formatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {"argument": [], "option": []}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None and param.param_type_name in sections:
+                sections[param.param_type_name].append((_shown_name(param, record[0]), record[1]))
+        for title, kind in (("Arguments", "argument"), ("Options", "option")):
+            if sections[kind]:
+                with formatter.section(title):
+                    _write_dl(formatter, sections[kind])
+
+
+def _write_dl(formatter, rows: list[tuple[str, str]], col_max: int = 30, spacing: int = 2) -> None:
+    """click's ``HelpFormatter.write_dl``, wrapping at spaces only: a model name such as
+    ``vit-base-patch16-224`` or a path is never cut at its hyphens."""
+    import textwrap
+
+    first = min(max(len(name) for name, _ in rows), col_max) + spacing
+    width = max(formatter.width - formatter.current_indent - first, 10)
+    for name, text in rows:
+        formatter.write(" " * formatter.current_indent + name)
+        lines = textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False) or [""]
+        if len(name) + spacing <= first:
+            formatter.write(" " * (first - len(name)) + lines[0] + "\n")
+            lines = lines[1:]
+        else:
+            formatter.write("\n")
+        for line in lines:
+            formatter.write(" " * (formatter.current_indent + first) + line + "\n")
+
+
+def _shown_name(param, name: str) -> str:
+    """``INPUT...`` for an argument; for an option, click's ``name`` with a type in angle brackets
+    (``--pool <none|cls|mean>``, ``--limit <int>``) shown as its values (``none|cls|mean``, ``N``)."""
+    if param.param_type_name == "argument":
+        return f"{param.metavar or (param.name or '').upper()}{'...' if param.nargs == -1 else ''}"
+    return re.sub(r"<(?:list\[)?([^>\]]*)\]?>", lambda m: _TYPE_NAMES.get(m.group(1), m.group(1)), name)
+
+
+_TYPE_NAMES = {"int": "N", "float": "X", "str": "TEXT", "Path": "PATH", "path": "PATH"}
+
+
+def command(short_help: str, epilog: str | None = None):
+    """``app.command`` with vitembed's help layout: ``short_help`` for the list of commands,
+    ``epilog`` printed as written (examples, exit codes), not re-wrapped."""
+    return app.command(cls=HelpCommand, short_help=short_help, epilog=None if epilog is None else "\b\n" + epilog.replace("\n\n", "\n\n\b\n"))
+
 
 # Options of more than one command; ModelOptions and EncodingOptions say what each means.
-Model = Annotated[str, _opt(f"Model name ({', '.join(CATALOG)}).", default_shown=True)]
-Weights = Annotated[Optional[str], _opt("Checkpoint directory (config.json + model.safetensors or pytorch_model.bin), a .safetensors/.bin file (architecture from --model), or 'random'.")]
-ImageSize = Annotated[Optional[int], _opt("Input size in pixels; the position embedding is resampled [default: the model's preprocessing size].")]
-Resize = Annotated[Optional[str], _opt("Override the model's resize: squash | shortest.")]
-Interpolation = Annotated[Optional[str], _opt("Override the resampling filter: bilinear, bicubic, ...")]
-CropPct = Annotated[Optional[float], _opt("timm's crop_pct: resize to size/crop_pct, then centre-crop.")]
-Mean = Annotated[Optional[str], _opt("Override the normalisation mean: R,G,B.")]
-Std = Annotated[Optional[str], _opt("Override the normalisation std: R,G,B.")]
+Model = Annotated[str, _opt("A name from `vitembed models` (vit-base-patch16-224, deit-small-patch16-224, dinov2-small, "
+                            "clip-vit-base-patch16, siglip2-base-patch16-224, a timm name such as "
+                            "vit_small_patch16_224.augreg_in21k, ...) or its Hugging Face repository id (facebook/dinov2-small).",
+                            metavar="NAME", default_shown=True)]
+Weights = Annotated[Optional[str], _opt(
+    "Where the weights come from: a checkpoint folder (config.json + model.safetensors or pytorch_model.bin), one "
+    ".safetensors/.bin file (architecture from --model), or 'random' (meaningless embeddings, for trying things). "
+    "Without it: $VITEMBED_WEIGHTS, then ./weights/NAME/, then the Hugging Face cache, then a download from the Hub "
+    "(never with HF_HUB_OFFLINE=1).", metavar="DIR|FILE|random")]
+ImageSize = Annotated[Optional[int], _opt("Input side in pixels instead of the model's (a multiple of the patch size); the "
+                                          "position embedding is resampled bicubically, as timm does [default: the model's].",
+                                          metavar="PIXELS")]
+Resize = Annotated[Optional[str], _opt(
+    "How the image becomes the input square, instead of the model's own way: squash = resize the whole image to "
+    "the square, aspect ratio not kept (ViT, DeiT, SigLIP); shortest = shorter side to the size (or size/crop-pct), "
+    "aspect kept, then the centre cut out (CLIP, DINO, timm).", metavar="squash|shortest")]
+Interpolation = Annotated[Optional[str], _opt(
+    f"Resampling filter of the resize, instead of the model's: {', '.join(INTERPOLATIONS)} (Pillow's filters).",
+    metavar="FILTER")]
+CropPct = Annotated[Optional[float], _opt("timm's crop_pct: resize to size/crop-pct (0.875: 256 for 224), then cut "
+                                          "out the centre.", metavar="FRACTION")]
+Mean = Annotated[Optional[str], _opt("Normalisation mean per channel, instead of the model's (e.g. 0.485,0.456,0.406).",
+                                     metavar="R,G,B")]
+Std = Annotated[Optional[str], _opt("Normalisation std per channel, instead of the model's (e.g. 0.229,0.224,0.225).",
+                                    metavar="R,G,B")]
 AsJson = Annotated[bool, _opt("One JSON object per input on stdout.", "--json")]
 
 

@@ -12,45 +12,95 @@ from ..catalog import DEFAULT_MODEL
 from ..console import say, stderr
 from ..errors import UsageError, VitembedError
 from .common import (AsJson, CropPct, DType, Engine, Format, ImageSize, Interpolation, Mean, Model, Pool, Resize, SaveDType, Std,
-                     Weights, _fail, _opt, _quiet_pillow, app)
+                     Weights, _fail, _opt, _quiet_pillow, command)
 
 # The flags of `vitembed encode`, one line each; ModelOptions, EncodingOptions and RunOptions say what each means.
-Inputs = Annotated[Optional[list[str]], typer.Argument(help="Image files, directories (searched recursively), WebDataset .tar shards (also as shards/{00000..00099}.tar), or - for paths on stdin.", show_default=False)]
-Out = Annotated[str, _opt("Output directory.", "--out", "-o")]
-Seed = Annotated[int, _opt("Seed for --weights random (0 .. 2**63-1).", default_shown=True)]
-Layer = Annotated[str, _opt("last | embeddings | N (output of block N, 1..depth).", default_shown=True)]
-PoolOpt = Annotated[Pool, _opt("none: all tokens; cls: class token; mean: mean of patch tokens; patch: patch tokens; head: the family's own image embedding (SigLIP's attention-pooling head, CLIP's projection; `vitembed models`).", default_shown=True)]
-Normalize = Annotated[bool, _opt("L2-normalise pooled vectors (--pool cls, mean or head) to unit length.", "--normalize")]
-FormatOpt = Annotated[Format, _opt("Output file format.", "--format", default_shown=True)]
-BatchSize = Annotated[int, _opt("Images per model call.", default_shown=True)]
-Device = Annotated[str, _opt("auto | cpu | cuda | cuda:N | mps.", default_shown=True)]
-DTypeOpt = Annotated[DType, _opt("Compute precision; auto: bfloat16 on CUDA devices that support it, float32 elsewhere.", default_shown=True)]
-SaveDTypeOpt = Annotated[SaveDType, _opt("Precision of the saved embeddings (float16/bfloat16 halve the disk).", default_shown=True)]
-Compile = Annotated[bool, _opt("Run the model through torch.compile (falls back to eager with a warning).", "--compile")]
-Pack = Annotated[Optional[int], _opt("Write N embeddings per file (DIR/part-00000.safetensors) plus DIR/index.jsonl.")]
-Workers = Annotated[Optional[int], _opt("Decode + resize threads [default: usable cores].")]
-Background = Annotated[str, _opt("R,G,B colour that transparent pixels are composited onto.", default_shown=True)]
-AllowTruncated = Annotated[bool, _opt("Decode truncated files (missing part grey) instead of refusing them.", default_shown=True)]
+Inputs = Annotated[Optional[list[str]], typer.Argument(
+    help="Image files, folders (searched recursively), WebDataset .tar shards (also as 'shards/{00000..00099}.tar'), "
+         "or - to read paths from stdin.", metavar="INPUT", show_default=False)]
+Out = Annotated[str, _opt("Output folder. Re-running the same command there resumes: finished outputs are kept.",
+                          "--out", "-o", metavar="DIR")]
+Seed = Annotated[int, _opt("Seed of --weights random (0 .. 2**63-1).", metavar="N", default_shown=True)]
+Layer = Annotated[str, _opt(
+    "Which tokens to save: last = the encoder's output after its final LayerNorm (transformers' last_hidden_state); "
+    "N = the output of block N (1 .. depth), before that LayerNorm, so --layer 12 of a 12-block model is not 'last'; "
+    "embeddings = patch embeddings + class token + position embedding, before block 1.",
+    metavar="last|N|embeddings", default_shown=True)]
+PoolOpt = Annotated[Pool, _opt(
+    "none: all tokens (prefix tokens first, then the patches row by row); cls: the class token; mean: mean of the "
+    "patch tokens; patch: the patch tokens only; head: the family's own image embedding (CLIP's projection, "
+    "SigLIP's attention-pooling head; `vitembed models` says which have one).", default_shown=True)]
+Normalize = Annotated[bool, _opt("Scale pooled vectors (--pool cls, mean or head) to unit L2 length.", "--normalize")]
+FormatOpt = Annotated[Format, _opt("File format: safetensors (tensor + metadata) or npy (tensor only).", "--format",
+                                   default_shown=True)]
+BatchSize = Annotated[int, _opt("Images per model call.", metavar="N", default_shown=True)]
+Device = Annotated[str, _opt("auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; a device named but absent "
+                             "is an error.", metavar="DEVICE", default_shown=True)]
+DTypeOpt = Annotated[DType, _opt("Compute precision; auto: bfloat16 on CUDA devices that support it, float32 elsewhere.",
+                                 default_shown=True)]
+SaveDTypeOpt = Annotated[SaveDType, _opt("Precision of the saved embeddings (float16 and bfloat16 halve the disk).",
+                                         default_shown=True)]
+Compile = Annotated[bool, _opt("Run the model through torch.compile: tens of seconds to start, for long jobs "
+                               "(falls back to eager with a warning).", "--compile")]
+Pack = Annotated[Optional[int], _opt("Write N embeddings per file (DIR/part-00000.safetensors, ...) with DIR/index.jsonl "
+                                     "mapping each input to its part and row; for millions of images.", metavar="N")]
+Workers = Annotated[Optional[int], _opt("Decode + resize threads [default: the usable cores].", metavar="N")]
+Background = Annotated[str, _opt("Colour that transparent pixels are composited onto.", metavar="R,G,B", default_shown=True)]
+AllowTruncated = Annotated[bool, _opt("Decode truncated files (the missing part grey) instead of refusing them.",
+                                      "--allow-truncated")]
 Null = Annotated[bool, _opt("Paths on stdin are NUL-separated (find -print0).", "--null", "-0")]
-Overwrite = Annotated[bool, _opt("Re-encode inputs whose outputs exist, also if made with other settings.", default_shown=True)]
-FailFast = Annotated[bool, _opt("Stop at the first input that fails.", default_shown=True)]
-Shard = Annotated[Optional[str], _opt("K/N: process only shard K (0-based) of N, by a stable hash of each output path.")]
+Overwrite = Annotated[bool, _opt("Encode again inputs whose outputs exist, also if made with other settings.",
+                                 "--overwrite")]
+FailFast = Annotated[bool, _opt("Stop at the first input that fails (the default goes on and lists failures).",
+                                "--fail-fast")]
+Shard = Annotated[Optional[str], _opt("Process only shard K (0-based) of N, chosen by a stable hash of each output "
+                                      "path: run K = 0 .. N-1 on N machines into one DIR.", metavar="K/N")]
 ListOnly = Annotated[bool, _opt("Print the planned input -> output pairs and exit, encoding nothing.", "--list")]
-MaxPixels = Annotated[Optional[int], _opt("Refuse images with more pixels than this [default: 178956970, twice Pillow's MAX_IMAGE_PIXELS].")]
-Verbose = Annotated[bool, _opt("With --list: also name the files a folder walk passed over as not images.", "--verbose", "-v")]
-FromTable = Annotated[Optional[list[str]], _opt("Read input paths from a table: .parquet (needs pyarrow), .csv or .jsonl (repeatable).", "--from-table", metavar="FILE")]
-Column = Annotated[str, _opt("The --from-table column holding the paths.", default_shown=True)]
-RelativeTo = Annotated[Optional[str], _opt("Key every input by its path relative to this folder (a folder walk, stdin and a table then give one file one output).")]
-EngineOpt = Annotated[Engine, _opt("local: threads here; ray: Ray Data on the cluster RAY_ADDRESS or --ray-address names (a local Ray instance when none).", "--engine", default_shown=True)]
-RayAddress = Annotated[Optional[str], _opt("--engine ray: the cluster's address [default: $RAY_ADDRESS, else a local Ray instance].")]
-Actors = Annotated[Optional[int], _opt("--engine ray: model actors [default: one per GPU; one CPU actor per node without GPUs].")]
-DecodeCpus = Annotated[float, _opt("--engine ray: CPUs each decode task reserves.", default_shown=True)]
-ActorCpus = Annotated[Optional[float], _opt("--engine ray: CPUs each model actor reserves [default: 1 with a GPU; else the node's CPUs less one decode task].")]
-LogEvery = Annotated[float, _opt("When stderr is not a terminal (a batch log): print a progress line every this many seconds; 0: none.", min=0, default_shown=True)]
-Quiet = Annotated[bool, _opt("No panel or progress on stderr (warnings, errors and the summary line stay).", "--quiet", "-q")]
+MaxPixels = Annotated[Optional[int], _opt("Refuse images with more pixels than this [default: 178956970, twice "
+                                          "Pillow's MAX_IMAGE_PIXELS].", metavar="N")]
+Verbose = Annotated[bool, _opt("With --list: also name the files a folder walk passed over as not images.",
+                               "--verbose", "-v")]
+FromTable = Annotated[Optional[list[str]], _opt("Read input paths from a table: .parquet (needs pyarrow), .csv or "
+                                                ".jsonl; repeatable.", "--from-table", metavar="FILE")]
+Column = Annotated[str, _opt("The --from-table column holding the paths.", metavar="NAME", default_shown=True)]
+RelativeTo = Annotated[Optional[str], _opt("Name every output by its input's path relative to this folder, so a folder "
+                                           "walk, stdin and a table give one file one output.", metavar="DIR")]
+EngineOpt = Annotated[Engine, _opt("local: threads on this machine; ray: Ray Data on the cluster that --ray-address or "
+                                   "$RAY_ADDRESS names (a local Ray instance when none).", "--engine", default_shown=True)]
+RayAddress = Annotated[Optional[str], _opt("--engine ray: the cluster's address [default: $RAY_ADDRESS, else a local "
+                                           "Ray instance].", metavar="ADDRESS")]
+Actors = Annotated[Optional[int], _opt("--engine ray: model actors [default: one per GPU; one CPU actor per node "
+                                       "without GPUs].", metavar="N")]
+DecodeCpus = Annotated[float, _opt("--engine ray: CPUs each decode task reserves.", metavar="CPUS", default_shown=True)]
+ActorCpus = Annotated[Optional[float], _opt("--engine ray: CPUs each model actor reserves [default: 1 with a GPU; "
+                                            "else the node's CPUs less one decode task].", metavar="CPUS")]
+LogEvery = Annotated[float, _opt("When stderr is not a terminal (a batch log): a progress line every this many "
+                                 "seconds; 0: none.", metavar="SECONDS", default_shown=True)]
+Quiet = Annotated[bool, _opt("No panel or progress on stderr (warnings, errors and the summary line stay).",
+                             "--quiet", "-q")]
+
+EPILOG = """Examples:
+  vitembed encode photos/ --out emb/ --model dinov2-small
+  vitembed encode photos/ --out vec/ --pool cls --normalize --pack 10000
+  find /data -name '*.jpg' -print0 | vitembed encode -0 - --out emb/
+  vitembed encode photos/ --out emb/ --weights random     # no weights needed
+
+Weights, when --weights is not given, are looked for in this order:
+  $VITEMBED_WEIGHTS, ./weights/NAME/, the Hugging Face cache, then the Hub
+  (a download; not with HF_HUB_OFFLINE=1, which a machine without network
+  should set).
+
+Exit status:
+  0    every input encoded or already done
+  1    some inputs failed (named on stderr and in DIR/failures.jsonl;
+       the others are written)
+  2    usage or setup error: bad option, no weights, DIR holds outputs
+       of other settings; nothing encoded
+  130  interrupted (Ctrl-C); 143 terminated (SIGTERM)
+Outputs already written are always whole: the same command resumes."""
 
 
-@app.command()
+@command("Images to embedding files: one per image, or N per file with --pack.", EPILOG)
 def encode(
     out_dir: Out, inputs: Inputs = None, model: Model = DEFAULT_MODEL, weights: Weights = None, seed: Seed = 0,
     layer: Layer = "last", pool: PoolOpt = Pool.none, normalize: Normalize = False, image_size: ImageSize = None, resize: Resize = None,
@@ -64,13 +114,16 @@ def encode(
     actor_cpus: ActorCpus = None, as_json: AsJson = False, verbose: Verbose = False, quiet: Quiet = False,
     log_every: LogEvery = 30.0,
 ) -> None:
-    """Encode images into embeddings under --out: one file per image, or N per file with --pack N."""
+    """Encode images into embeddings under --out: one file per image (DIR/cat.jpg.safetensors holding a
+    (tokens, hidden) float32 tensor and how it was made), or N per file with --pack N."""
     from .. import console
     from ..options import EncodingOptions, ModelOptions, RayOptions, RunOptions
 
     _quiet_pillow()
     terminated = _stop_on_sigterm()
     try:
+        if not 0 <= log_every < float("inf"):
+            raise UsageError(f"--log-every {log_every}: must be a number of seconds, 0 (no progress lines) or more")
         inputs, stdin_paths = _stdin_inputs(inputs or [], null, from_table or [], column)
         given = [flag for flag, value in (("--ray-address", ray_address), ("--actors", actors), ("--actor-cpus", actor_cpus),
                                           ("--decode-cpus", None if decode_cpus == 1.0 else decode_cpus)) if value is not None]

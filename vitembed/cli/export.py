@@ -8,15 +8,24 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import _fail, _opt, app
+from .common import _fail, _opt, command
 
 ExportPool = Enum("ExportPool", {"cls": "cls", "mean": "mean"}, type=str)  # export.EXPORT_POOLS
 
 
-@app.command()
+EXPORT_EPILOG = """Examples:
+  vitembed export emb/ vectors.npy --pool cls --normalize
+  vitembed export emb/ vectors.parquet --pool mean
+
+Exit status: 0 written; 2 nothing written (a bad folder, mixed shapes, an
+unreadable output, token outputs without --pool): OUT appears whole or not
+at all."""
+
+
+@command("Pooled vectors of a folder to one .npy or .parquet file for search.", EXPORT_EPILOG)
 def export(
-    emb: Annotated[Path, typer.Argument(help="A folder of outputs: per-image files, or a --pack folder.", show_default=False)],
-    out: Annotated[Path, typer.Argument(help="OUT.npy (plus OUT.keys.jsonl) or OUT.parquet.", show_default=False)],
+    emb: Annotated[Path, typer.Argument(help="A folder of outputs: per-image files, or a --pack folder.", metavar="EMB", show_default=False)],
+    out: Annotated[Path, typer.Argument(help="OUT.npy (plus OUT.keys.jsonl) or OUT.parquet.", metavar="OUT", show_default=False)],
     pool: Annotated[Optional[ExportPool], _opt("How to pool token outputs (encoded with --pool none or patch): cls (token 0) or mean (of the patch tokens).")] = None,
     normalize: Annotated[bool, _opt("L2-normalise each vector to unit length.", "--normalize")] = False,
     as_json: Annotated[bool, _opt('Print {"rows", "dim", "out", "keys"} on stdout.', "--json")] = False,

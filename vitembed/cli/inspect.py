@@ -9,12 +9,20 @@ import typer
 
 from ..console import out, say
 from ..errors import InputError
-from .common import _opt, app
+from .common import _opt, command
 
 
-@app.command()
+INSPECT_EPILOG = """Examples:
+  vitembed inspect emb/cat.jpg.safetensors
+  vitembed inspect emb/            # the folder: layout, count, settings
+  vitembed inspect emb/ --key sub/cat.jpg --json
+
+Exit status: 0 all shown; 1 some could not be read (each named on stderr)."""
+
+
+@command("What output files, folders and packed rows hold.", INSPECT_EPILOG)
 def inspect(
-    paths: Annotated[list[Path], typer.Argument(help="Output files (.safetensors, .npy) or output folders written by encode.",
+    paths: Annotated[list[Path], typer.Argument(help="Output files (.safetensors, .npy) or output folders written by encode.", metavar="PATH",
                                                 show_default=False)],
     key: Annotated[Optional[list[str]], _opt("A row of a --pack folder, by its key in index.jsonl (repeatable).", "--key",
                                              metavar="KEY")] = None,

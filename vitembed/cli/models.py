@@ -6,13 +6,14 @@ from typing import Annotated
 
 from ..catalog import CATALOG
 from ..console import out
-from .common import _opt, app
+from .common import _opt, command
 
 
-@app.command()
+@command("The known model names, and which have weights on disk.")
 def models(as_json: Annotated[bool, _opt("One JSON object per model on stdout.", "--json")] = False) -> None:
-    """List the known model names (a name or its Hub repository id goes to --model), and which have
-    weights on disk: "local" under ./weights/<name>/, "cache" in the Hugging Face cache."""
+    """List the known model names (a name or its Hub repository id goes to --model): family, tokens,
+    hidden size, Hub repository, and which have weights on disk ("local" under ./weights/NAME/,
+    "cache" in the Hugging Face cache, "-" none; then --weights random, or a download)."""
     import json
 
     from ..console import model_lines, model_row

@@ -8,20 +8,26 @@ import typer
 
 from ..catalog import DEFAULT_MODEL
 from ..errors import VitembedError
-from .common import CropPct, ImageSize, Interpolation, Mean, Model, Resize, Std, Weights, _fail, _opt, _quiet_pillow, app
+from .common import CropPct, ImageSize, Interpolation, Mean, Model, Resize, Std, Weights, _fail, _opt, _quiet_pillow, command
 
 
-@app.command()
+VERIFY_EPILOG = """Exit status:
+  0  all within tolerance (1e-4 for float32)
+  1  some differ (the verdict on stderr says where)
+  2  usage or setup error, or no reference installed (transformers; timm)"""
+
+
+@command("Compare with the reference implementation (transformers, timm).", VERIFY_EPILOG)
 def verify(
-    images: Annotated[Optional[list[str]], typer.Argument(help="Image files [default: a few synthetic images].", show_default=False)] = None,
+    images: Annotated[Optional[list[str]], typer.Argument(help="Image files [default: a few synthetic images].", metavar="IMAGE", show_default=False)] = None,
     model: Model = DEFAULT_MODEL, weights: Weights = None,
-    layer: Annotated[Optional[list[str]], _opt("Layer to compare (repeatable) [default: embeddings, the middle block, last].")] = None,
+    layer: Annotated[Optional[list[str]], _opt("Layer to compare: last, N or embeddings, as encode --layer (repeatable) [default: embeddings, the middle block, last].", metavar="LAYER")] = None,
     image_size: ImageSize = None, resize: Resize = None, interpolation: Interpolation = None, crop_pct: CropPct = None,
     mean: Mean = None, std: Std = None,
     as_json: Annotated[bool, _opt("One JSON object per compared item, then a summary, on stdout.", "--json")] = False,
 ) -> None:
-    """Compare vitembed with the reference (transformers or timm) on these images and weights: inputs,
-    layers, pooled vectors. Exit 0 all within tolerance, 1 not, 2 usage error or no reference."""
+    """Compare vitembed with the reference (transformers or timm) on these images and weights: the
+    model inputs, each layer and the pooled vectors, with the largest differences."""
     from ..console import print_verify
     from ..verify import verify as run_verify
 
