@@ -26,8 +26,10 @@ class Snapshot:
         done: inputs settled so far (through the model, or reported without it).
         total: inputs of the run (None when unknown).
         rate: images/s through the model over the last ``WINDOW_SECONDS`` (over the whole run
-            while it is shorter); None before the first batch left the model.
-        eta: seconds left at ``rate`` (None without a rate or a total).
+            while it is shorter), measured from batch to batch, and lowered while no batch has
+            come for longer than the usual gap; None before the first batch left the model.
+        eta: seconds left at ``rate``, counted from the last batch (None without a rate or a
+            total; 0 when nothing is left).
         elapsed: seconds since the ``Progress`` was made (the run's start).
     """
 
@@ -57,6 +59,7 @@ class Progress:
         self.done = self.computed_count = 0
         self.created = self.started = clock()  # the run's start; the rate's
         self._samples: deque[tuple[float, int]] = deque([(self.started, 0)])  # (time, images through the model)
+        self._from_start = True  # the first sample is the start, not a batch
         self._lock = threading.Lock()
 
     def settled(self, count: int = 1) -> None:
@@ -72,6 +75,9 @@ class Progress:
             self.computed_count += count
             now = self.clock()
             self._samples.append((now, self.computed_count))
+            if self._from_start and len(self._samples) == 3:  # the start to the first batch holds filling the
+                self._samples.popleft()  # pipeline (decoding the first batch): from two batches on, time them alone
+                self._from_start = False
             while len(self._samples) > 2 and self._samples[1][0] <= now - self.window:
                 self._samples.popleft()  # keep one sample at or before the window's start
         self._changed()
@@ -82,17 +88,28 @@ class Progress:
         with self._lock:
             self.started = self.clock()
             self._samples = deque([(self.started, self.computed_count)])
+            self._from_start = True
 
     def snapshot(self) -> Snapshot:
         """The progress now."""
         with self._lock:
             now = self.clock()
-            (t0, n0), n1 = self._samples[0], self._samples[-1][1]
+            (t0, n0), (t1, n1), gaps = self._samples[0], self._samples[-1], len(self._samples) - 1
             done, total, elapsed = self.done, self.total, now - self.created
-        # images over the window, timed to now: a stall since the last batch lowers the rate
-        rate = (n1 - n0) / (now - t0) if n1 > n0 and now > t0 else None
+        # Images over the window from batch to batch: timed to now instead, the rate would be low by
+        # half a batch's time on average. A stall (no batch for longer than the mean gap between
+        # batches) stretches the span to now, so the rate falls as the stall goes on.
+        rate = gap = None
+        if n1 > n0 and t1 > t0:
+            gap = (t1 - t0) / gaps
+            rate = (n1 - n0) / max(t1 - t0, now - t0 - gap)
         left = None if total is None else max(total - done, 0)
-        eta = left / rate if rate and left is not None else (0.0 if left == 0 else None)
+        if left == 0:
+            eta = 0.0
+        elif rate and gap and left is not None:  # the next batch is under way since t1: up to a gap of it is done
+            eta = max(left / rate - min(now - t1, gap), 0.0)
+        else:
+            eta = None
         return Snapshot(done, total, rate, eta, elapsed)
 
     def _changed(self) -> None:
