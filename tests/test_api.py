@@ -173,6 +173,16 @@ def test_random_weights_warn_and_the_package_lists_its_api(small_ckpt):
     assert vitembed.errors.VitembedError is vitembed.VitembedError
 
 
+def test_warnings_point_at_the_callers_line_not_into_vitembed(images, tmp_path):
+    """New-user report: vitembed.encode(weights="random") warned at vitembed/run.py:86."""
+    from vitembed.errors import VitembedWarning
+
+    with pytest.warns(VitembedWarning, match="carry no meaning") as caught:
+        vitembed.encode([images / "a.png"], tmp_path / "out", model="vit_tiny_patch16_224.augreg_in21k",
+                        weights="random", layer="embeddings", progress=False)
+    assert [w.filename for w in caught if issubclass(w.category, VitembedWarning)] == [__file__]
+
+
 def test_wrong_types_are_usage_or_input_errors(images, small_ckpt, encoder, tmp_path):
     for fields, match in ((dict(device=None), "--device must be"), (dict(weights=3), "--weights must be"),
                           (dict(allow_truncated="no"), "--allow-truncated must be True or False"),

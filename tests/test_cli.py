@@ -281,7 +281,9 @@ def test_closed_stdout_exits_141_and_keeps_the_rows(tmp_path, small_ckpt):
     proc.stdout.readline()
     proc.stdout.close()  # as `| head -1` does
     proc.wait(timeout=300)
-    assert proc.returncode == 141, proc.stderr.read().decode()
+    err = proc.stderr.read().decode()
+    assert proc.returncode == 141, err
+    assert err.splitlines()[-1].startswith("stopped: stdout was closed by its reader; the outputs already written")
     assert 4 <= len(_iter(out)) <= 6
 
 

@@ -51,6 +51,22 @@ def test_every_command_is_listed_with_a_whole_sentence():
     assert "vitembed encode photos/ --out emb/ --weights random" in text
 
 
+def test_a_bad_choice_is_one_error_line_like_any_bad_value(tmp_path):
+    """New-user report: --pool avg gave a usage block and "Value error, 'avg' is not one of"."""
+    for args, words in ((["encode", str(tmp_path), "--out", str(tmp_path / "o"), "--pool", "avg"],
+                         "error: --pool 'avg': expected one of none, cls, mean, patch, head"),
+                        (["encode", str(tmp_path), "--out", str(tmp_path / "o"), "--dtype", "fp16"],
+                         "error: --dtype 'fp16': expected one of auto, float32, bfloat16, float16"),
+                        (["export", str(tmp_path), str(tmp_path / "v.npy"), "--pool", "max"], "error: --pool 'max'")):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and result.output.startswith(words) and "Usage:" not in result.output, result.output
+
+
+def test_verify_help_does_not_offer_random_weights():
+    text = " ".join(help_text("verify", width=100).split())
+    assert "--weights DIR|FILE " in text and "not 'random'" in text
+
+
 def test_negative_or_infinite_log_every_is_a_usage_error(tmp_path):
     for value in ("-1", "inf", "nan"):
         result = CliRunner().invoke(app, ["encode", str(tmp_path), "--out", str(tmp_path / "o"), "--log-every", value])

@@ -19,7 +19,7 @@ import torch
 
 from .catalog import DEFAULT_MODEL, get_model_spec
 from .config import layer_index
-from .errors import InputError, UsageError, VitembedWarning
+from .errors import InputError, UsageError, VitembedWarning, warn
 from .families import family_of
 from .options import EncodingOptions, ModelOptions, split_fields
 from .preprocess import PatchBatch, collate_patches, load_pixels, normalize, normalize_patches, normalize_stats, resize
@@ -90,16 +90,14 @@ class Encoder:
         self.model_name = spec.name if same else f"checkpoint:{cfg.family}"  # not its path: resume must not depend on it
         self.naflex = cfg.naflex
         if opts.compile and self.naflex:
-            warnings.warn("--compile: NaFlex batches change shape with every batch; running eager",
-                          VitembedWarning, stacklevel=2)
+            warn("--compile: NaFlex batches change shape with every batch; running eager")
         self._model: torch.nn.Module | None = None
         self._compiled, self._compiled_rows, self._packed = None, 0, False
         if not defer_model:
             self.build()
         self.stats = normalize_stats(self.weights.preprocess).to(self.device)  # (2, 3) mean, std
         if self.weights.random:
-            warnings.warn("--weights random: the model has random weights; its embeddings carry no meaning.",
-                          VitembedWarning, stacklevel=2)
+            warn("--weights random: the model has random weights; its embeddings carry no meaning.")
 
     def build(self) -> None:
         """Build the model from the weights on the device (done by the constructor unless

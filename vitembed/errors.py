@@ -72,6 +72,21 @@ class VitembedWarning(UserWarning):
     Issued with ``warnings.warn``; the CLI prints it as one ``warning:`` line on stderr."""
 
 
+def warn(message: str) -> None:
+    """``warnings.warn(message, VitembedWarning)`` attributed to the caller's own code: the first
+    frame outside the vitembed package (``vitembed.encode(...)`` in a notebook cell), however deep
+    inside vitembed it is issued."""
+    import os
+    import sys
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    level, frame = 2, sys._getframe(1)  # stacklevel 2: the frame that called warn()
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)).startswith(package):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, VitembedWarning, stacklevel=level)
+
+
 class InputError(VitembedError):
     """One input file could not be turned into pixels.
 

@@ -67,10 +67,14 @@ def iter_vectors(emb: str | os.PathLike, pool: str | None = None) -> Iterator[tu
         raise InputError(str(emb), "not-found", "no such folder")
     if not emb.is_dir():
         raise UsageError(f"{shown(emb)}: export reads a folder of outputs (per-image files or --pack parts), not a file")
+    _check_pool(pool)
+    yield from (_packed_rows if PackedLayout.owns(emb) else _files_rows)(emb, pool)
+
+
+def _check_pool(pool: str | None) -> None:
     if pool is not None and pool not in EXPORT_POOLS:
         raise UsageError(f"--pool {pool!r}: export pools token outputs with {' or '.join(EXPORT_POOLS)} "
                          "(--pool head needs the model: encode with --pool head)")
-    yield from (_packed_rows if PackedLayout.owns(emb) else _files_rows)(emb, pool)
 
 
 def _pooler(settings: dict[str, str], shape: tuple, pool: str | None, where: str):
@@ -316,6 +320,7 @@ def export_vectors(emb: str | os.PathLike, out: str | os.PathLike, pool: str | N
         UsageError: another suffix, OUT inside EMB, what ``iter_vectors`` refuses, OUT not writable.
         InputError: EMB missing, or an output in it that cannot be read (named). No OUT is written then.
     """
+    _check_pool(pool)
     out = Path(out)
     if out.suffix not in WRITERS:
         raise UsageError(f"{shown(out)}: cannot export to {out.suffix or 'a name without a suffix'!r}; "

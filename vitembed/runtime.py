@@ -90,7 +90,8 @@ def _cpu_has_fast(dtype: torch.dtype) -> bool:
 def fast_bf16_instructions(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     """The bfloat16 matrix instructions this CPU has, by its ``/proc/cpuinfo`` flags: ``AMX-BF16``,
     ``AVX512-BF16``, or None (none, or no such file: not Linux). On such CPUs oneDNN runs
-    bfloat16 linears about 1.5-2x as fast as float32 (README, Speed)."""
+    bfloat16 linears faster than float32: ViT-B/16 end to end 1.5-1.7x with AVX512-BF16, 3.6x
+    with AMX (README, Speed and memory)."""
     try:
         with open(cpuinfo, encoding="ascii", errors="replace") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])

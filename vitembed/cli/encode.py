@@ -9,9 +9,9 @@ from typing import Annotated, Optional
 import typer
 
 from ..catalog import DEFAULT_MODEL
-from ..console import say, stderr
+from ..console import StdoutClosed, say, stderr
 from ..errors import UsageError, VitembedError
-from .common import (AsJson, CropPct, DType, Engine, Format, ImageSize, Interpolation, Mean, Model, Pool, Resize, SaveDType, Std,
+from .common import (DTYPE, ENGINE, FORMAT, POOL, SAVE_DTYPE, AsJson, CropPct, ImageSize, Interpolation, Mean, Model, Resize, Std,
                      Weights, _fail, _opt, _quiet_pillow, command)
 
 # The flags of `vitembed encode`, one line each; ModelOptions, EncodingOptions and RunOptions say what each means.
@@ -26,20 +26,20 @@ Layer = Annotated[str, _opt(
     "N = the output of block N (1 .. depth), before that LayerNorm, so --layer 12 of a 12-block model is not 'last'; "
     "embeddings = patch embeddings + class token + position embedding, before block 1.",
     metavar="last|N|embeddings", default_shown=True)]
-PoolOpt = Annotated[Pool, _opt(
+PoolOpt = Annotated[str, _opt(
     "none: all tokens (prefix tokens first, then the patches row by row); cls: the class token; mean: mean of the "
     "patch tokens; patch: the patch tokens only; head: the family's own image embedding (CLIP's projection, "
-    "SigLIP's attention-pooling head; `vitembed models` says which have one).", default_shown=True)]
+    "SigLIP's attention-pooling head; `vitembed models` says which have one).", metavar=POOL, default_shown=True)]
 Normalize = Annotated[bool, _opt("Scale pooled vectors (--pool cls, mean or head) to unit L2 length.", "--normalize")]
-FormatOpt = Annotated[Format, _opt("File format: safetensors (tensor + metadata) or npy (tensor only).", "--format",
-                                   default_shown=True)]
+FormatOpt = Annotated[str, _opt("File format: safetensors (tensor + metadata) or npy (tensor only).", "--format",
+                                metavar=FORMAT, default_shown=True)]
 BatchSize = Annotated[int, _opt("Images per model call.", metavar="N", default_shown=True)]
 Device = Annotated[str, _opt("auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; a device named but absent "
                              "is an error.", metavar="DEVICE", default_shown=True)]
-DTypeOpt = Annotated[DType, _opt("Compute precision; auto: bfloat16 on CUDA devices that support it, float32 elsewhere.",
-                                 default_shown=True)]
-SaveDTypeOpt = Annotated[SaveDType, _opt("Precision of the saved embeddings (float16 and bfloat16 halve the disk).",
-                                         default_shown=True)]
+DTypeOpt = Annotated[str, _opt("Compute precision; auto: bfloat16 on CUDA devices that support it, float32 elsewhere.",
+                                 metavar=DTYPE, default_shown=True)]
+SaveDTypeOpt = Annotated[str, _opt("Precision of the saved embeddings (float16 and bfloat16 halve the disk).",
+                                         metavar=SAVE_DTYPE, default_shown=True)]
 Compile = Annotated[bool, _opt("Run the model through torch.compile: tens of seconds to start, for long jobs "
                                "(falls back to eager with a warning).", "--compile")]
 Pack = Annotated[Optional[int], _opt("Write N embeddings per file (DIR/part-00000.safetensors, ...) with DIR/index.jsonl "
@@ -65,8 +65,9 @@ FromTable = Annotated[Optional[list[str]], _opt("Read input paths from a table: 
 Column = Annotated[str, _opt("The --from-table column holding the paths.", metavar="NAME", default_shown=True)]
 RelativeTo = Annotated[Optional[str], _opt("Name every output by its input's path relative to this folder, so a folder "
                                            "walk, stdin and a table give one file one output.", metavar="DIR")]
-EngineOpt = Annotated[Engine, _opt("local: threads on this machine; ray: Ray Data on the cluster that --ray-address or "
-                                   "$RAY_ADDRESS names (a local Ray instance when none).", "--engine", default_shown=True)]
+EngineOpt = Annotated[str, _opt("local: threads on this machine; ray: Ray Data on the cluster that --ray-address or "
+                                   "$RAY_ADDRESS names (a local Ray instance when none).", "--engine", metavar=ENGINE,
+                                default_shown=True)]
 RayAddress = Annotated[Optional[str], _opt("--engine ray: the cluster's address [default: $RAY_ADDRESS, else a local "
                                            "Ray instance].", metavar="ADDRESS")]
 Actors = Annotated[Optional[int], _opt("--engine ray: model actors [default: one per GPU; one CPU actor per node "
@@ -103,14 +104,14 @@ Outputs already written are always whole: the same command resumes."""
 @command("Images to embedding files: one per image, or N per file with --pack.", EPILOG)
 def encode(
     out_dir: Out, inputs: Inputs = None, model: Model = DEFAULT_MODEL, weights: Weights = None, seed: Seed = 0,
-    layer: Layer = "last", pool: PoolOpt = Pool.none, normalize: Normalize = False, image_size: ImageSize = None, resize: Resize = None,
+    layer: Layer = "last", pool: PoolOpt = "none", normalize: Normalize = False, image_size: ImageSize = None, resize: Resize = None,
     interpolation: Interpolation = None, crop_pct: CropPct = None, mean: Mean = None, std: Std = None,
-    fmt: FormatOpt = Format.safetensors, batch_size: BatchSize = 32, device: Device = "auto", dtype: DTypeOpt = DType.auto,
-    save_dtype: SaveDTypeOpt = SaveDType.float32, compile: Compile = False, pack: Pack = None, workers: Workers = None,
+    fmt: FormatOpt = "safetensors", batch_size: BatchSize = 32, device: Device = "auto", dtype: DTypeOpt = "auto",
+    save_dtype: SaveDTypeOpt = "float32", compile: Compile = False, pack: Pack = None, workers: Workers = None,
     background: Background = "255,255,255", allow_truncated: AllowTruncated = False, null: Null = False,
     overwrite: Overwrite = False, fail_fast: FailFast = False, shard: Shard = None, list_only: ListOnly = False,
     max_pixels: MaxPixels = None, from_table: FromTable = None, column: Column = "path", relative_to: RelativeTo = None,
-    engine: EngineOpt = Engine.local, ray_address: RayAddress = None, actors: Actors = None, decode_cpus: DecodeCpus = 1.0,
+    engine: EngineOpt = "local", ray_address: RayAddress = None, actors: Actors = None, decode_cpus: DecodeCpus = 1.0,
     actor_cpus: ActorCpus = None, as_json: AsJson = False, verbose: Verbose = False, quiet: Quiet = False,
     log_every: LogEvery = 30.0,
 ) -> None:
@@ -127,15 +128,15 @@ def encode(
         inputs, stdin_paths = _stdin_inputs(inputs or [], null, from_table or [], column)
         given = [flag for flag, value in (("--ray-address", ray_address), ("--actors", actors), ("--actor-cpus", actor_cpus),
                                           ("--decode-cpus", None if decode_cpus == 1.0 else decode_cpus)) if value is not None]
-        if given and engine.value != "ray":
-            raise UsageError(f"{', '.join(given)}: for --engine ray only (this run's engine is {engine.value})")
+        if given and engine != "ray":
+            raise UsageError(f"{', '.join(given)}: for --engine ray only (this run's engine is {engine})")
         options = ModelOptions(model=model, weights=weights, seed=seed, image_size=image_size, resize=resize,
                                interpolation=interpolation, crop_pct=crop_pct, mean=mean, std=std, device=device,
-                               dtype=dtype.value, compile=compile)
-        encoding = EncodingOptions(layer=layer, pool=pool.value, normalize=normalize, save_dtype=save_dtype.value, background=background,
+                               dtype=dtype, compile=compile)
+        encoding = EncodingOptions(layer=layer, pool=pool, normalize=normalize, save_dtype=save_dtype, background=background,
                                    allow_truncated=allow_truncated, max_pixels=max_pixels)
-        run = RunOptions(format=fmt.value, pack=pack, batch_size=batch_size, workers=workers, overwrite=overwrite,
-                         fail_fast=fail_fast, shard=shard, relative_to=relative_to, engine=engine.value,
+        run = RunOptions(format=fmt, pack=pack, batch_size=batch_size, workers=workers, overwrite=overwrite,
+                         fail_fast=fail_fast, shard=shard, relative_to=relative_to, engine=engine,
                          ray=RayOptions(address=ray_address, actors=actors, decode_cpus=decode_cpus, actor_cpus=actor_cpus))
         summary, encoder, out_dir = _encode(inputs, stdin_paths, out_dir, options, encoding, run,
                                             list_only=list_only, as_json=as_json, verbose=verbose, quiet=quiet,
@@ -144,6 +145,10 @@ def encode(
         raise _fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:
         raise _fail("interrupted; the outputs already written are complete", 143 if terminated else 130) from None
+    except StdoutClosed:  # `| head`: cli.main exits 141; the summary line would be lost with it
+        say("stopped: stdout was closed by its reader; the outputs already written are complete "
+            "(run the same command again to resume)")
+        raise
     if summary is None:  # --list, or nothing to do
         return
     console.print_summary(stderr(quiet), summary, encoder, out_dir, bool(terminated))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,7 +9,6 @@ import typer
 
 from .common import _fail, _opt, command
 
-ExportPool = Enum("ExportPool", {"cls": "cls", "mean": "mean"}, type=str)  # export.EXPORT_POOLS
 
 
 EXPORT_EPILOG = """Examples:
@@ -26,7 +24,7 @@ at all."""
 def export(
     emb: Annotated[Path, typer.Argument(help="A folder of outputs: per-image files, or a --pack folder.", metavar="EMB", show_default=False)],
     out: Annotated[Path, typer.Argument(help="OUT.npy (plus OUT.keys.jsonl) or OUT.parquet.", metavar="OUT", show_default=False)],
-    pool: Annotated[Optional[ExportPool], _opt("How to pool token outputs (encoded with --pool none or patch): cls (token 0) or mean (of the patch tokens).")] = None,
+    pool: Annotated[Optional[str], _opt("How to pool token outputs (encoded with --pool none or patch): cls (token 0) or mean (of the patch tokens).", metavar="cls|mean")] = None,
     normalize: Annotated[bool, _opt("L2-normalise each vector to unit length.", "--normalize")] = False,
     as_json: Annotated[bool, _opt('Print {"rows", "dim", "out", "keys"} on stdout.', "--json")] = False,
 ) -> None:
@@ -39,11 +37,11 @@ def export(
     from ..export import export_vectors
 
     try:
-        done = export_vectors(emb, out, pool=pool.value if pool is not None else None, normalize=normalize)
+        done = export_vectors(emb, out, pool=pool, normalize=normalize)
     except VitembedError as e:
         raise _fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:
         raise _fail("interrupted; nothing was written", 130) from None
-    say(f"exported {done.rows} vectors of {done.dim} to {shown(done.out)}" + (f" (keys: {shown(done.keys)})" if done.keys else ""))
+    say(f"exported {done.rows} vector{'' if done.rows == 1 else 's'} of {done.dim} to {shown(done.out)}" + (f" (keys: {shown(done.keys)})" if done.keys else ""))
     if as_json:
         stdout(json.dumps({"rows": done.rows, "dim": done.dim, "out": done.out, "keys": done.keys}, ensure_ascii=False) + "\n")

@@ -8,7 +8,7 @@ import typer
 
 from ..catalog import DEFAULT_MODEL
 from ..errors import VitembedError
-from .common import CropPct, ImageSize, Interpolation, Mean, Model, Resize, Std, Weights, _fail, _opt, _quiet_pillow, command
+from .common import CropPct, ImageSize, Interpolation, Mean, Model, Resize, Std, _fail, _opt, _quiet_pillow, command
 
 
 VERIFY_EPILOG = """Exit status:
@@ -20,7 +20,9 @@ VERIFY_EPILOG = """Exit status:
 @command("Compare with the reference implementation (transformers, timm).", VERIFY_EPILOG)
 def verify(
     images: Annotated[Optional[list[str]], typer.Argument(help="Image files [default: a few synthetic images].", metavar="IMAGE", show_default=False)] = None,
-    model: Model = DEFAULT_MODEL, weights: Weights = None,
+    model: Model = DEFAULT_MODEL, weights: Annotated[Optional[str], _opt(
+        "A checkpoint folder (config.json + model.safetensors) or one .safetensors/.bin file; not 'random', which has "
+        "no reference to compare with. Without it: searched as encode does (see encode --help).", metavar="DIR|FILE")] = None,
     layer: Annotated[Optional[list[str]], _opt("Layer to compare: last, N or embeddings, as encode --layer (repeatable) [default: embeddings, the middle block, last].", metavar="LAYER")] = None,
     image_size: ImageSize = None, resize: Resize = None, interpolation: Interpolation = None, crop_pct: CropPct = None,
     mean: Mean = None, std: Std = None,
