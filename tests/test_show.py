@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_cli
-from vitembed.show import GAP, pca_basis, pca_maps
+from vitembed.show import GAP, LABEL, pca_basis, pca_maps
 
 SIDE = 32  # the small checkpoint's input, and so its map's side in pixels
 TILE = (SIDE, 2 * SIDE + GAP)  # (height, width) of image | gap | map
@@ -79,14 +79,19 @@ def test_identical_images_give_identical_tiles_in_a_sheet_of_exact_size(outputs,
     r, _, err = show(str(emb / "halves.png.safetensors"), str(emb / "twin.png.safetensors"), "--out", str(tmp_path / "s.png"))
     assert r.returncode == 0, err
     sheet = png(tmp_path / "s.png")
-    assert sheet.shape == (TILE[0] + 2 * GAP, 2 * TILE[1] + 3 * GAP, 3)
+    assert sheet.shape == (TILE[0] + LABEL + 2 * GAP, 2 * TILE[1] + 3 * GAP, 3)
     first = sheet[GAP: GAP + TILE[0], GAP: GAP + TILE[1]]
     second = sheet[GAP: GAP + TILE[0], 2 * GAP + TILE[1]: 2 * GAP + 2 * TILE[1]]
     assert np.array_equal(first, second)
+    # Each tile is named under it (new-user report: a sheet of 8 could not be told apart): dark
+    # text on the white strip, different for the two names.
+    strips = [sheet[GAP + TILE[0]: GAP + TILE[0] + LABEL, left: left + TILE[1]] for left in (GAP, 2 * GAP + TILE[1])]
+    assert all((strip.min(axis=2) < 128).sum() > 20 for strip in strips)
+    assert not np.array_equal(*strips)
     r, _, err = show(str(emb / "halves.png.safetensors"), str(emb / "twin.png.safetensors"),
                      "--out", str(tmp_path / "t.png"), "--columns", "1")
     assert r.returncode == 0, err
-    assert png(tmp_path / "t.png").shape == (2 * TILE[0] + 3 * GAP, TILE[1] + 2 * GAP, 3)
+    assert png(tmp_path / "t.png").shape == (2 * (TILE[0] + LABEL) + 3 * GAP, TILE[1] + 2 * GAP, 3)
     assert np.array_equal(png(tmp_path / "t.png")[GAP: GAP + TILE[0], GAP: GAP + TILE[1]], first)
 
 
@@ -155,7 +160,7 @@ def test_a_folder_is_shown_sorted_up_to_limit_and_bad_arguments_are_refused(outp
     r, _, err = show(str(outputs / "emb"), "--limit", "2", "--out", str(tmp_path / "d.png"))
     assert r.returncode == 0, err
     assert "first 2 of 3" in err  # gone, halves (twin left out): the sorted order
-    assert png(tmp_path / "d.png").shape == (TILE[0] + 2 * GAP, 2 * TILE[1] + 3 * GAP, 3)
+    assert png(tmp_path / "d.png").shape == (TILE[0] + LABEL + 2 * GAP, 2 * TILE[1] + 3 * GAP, 3)
     for args, code, words in (((str(tmp_path / "none.safetensors"),), 1, "no such file"),
                               ((str(outputs / "emb"), "--key", "x"), 2, "--key"),
                               ((str(outputs / "packed" / "index.jsonl"),), 2, "packed folder")):

@@ -25,6 +25,7 @@ __all__ = ["PatchTokens", "read_patch_tokens", "pca_basis", "pca_maps", "model_v
 
 GAP = 4  # pixels between the image and its map, and around the tiles of a sheet
 BACKGROUND = (255, 255, 255)  # the sheet behind the tiles (masked patches are black)
+LABEL = 14  # pixels: the strip under each tile of a sheet of several outputs naming it
 PERCENTILES = (1.0, 99.0)  # each component is scaled to 0..1 between these percentiles, clipped
 
 
@@ -268,17 +269,42 @@ def _tile(view: np.ndarray | None, grid_map: np.ndarray, patch: int, with_view: 
     return tile
 
 
-def _sheet(tiles: list[np.ndarray], columns: int) -> np.ndarray:
+def _sheet(tiles: list[np.ndarray], columns: int, labels: list[str] | None = None) -> np.ndarray:
     """Tiles in rows of ``columns``, each in a cell of the largest tile's size (top-left), GAP apart
-    and around: (rows * (H + GAP) + GAP, cols * (W + GAP) + GAP, 3) uint8."""
+    and around: (rows * (H + L + GAP) + GAP, cols * (W + GAP) + GAP, 3) uint8, where L is LABEL
+    with ``labels`` (each tile's name, written under it, shortened from the left to fit) and 0
+    without."""
     cols = max(1, min(columns, len(tiles)))
     rows = math.ceil(len(tiles) / cols)
     H, W = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
-    sheet = np.full((rows * (H + GAP) + GAP, cols * (W + GAP) + GAP, 3), BACKGROUND, dtype=np.uint8)
+    strip = LABEL if labels else 0
+    sheet = np.full((rows * (H + strip + GAP) + GAP, cols * (W + GAP) + GAP, 3), BACKGROUND, dtype=np.uint8)
     for i, t in enumerate(tiles):
-        top, left = GAP + (i // cols) * (H + GAP), GAP + (i % cols) * (W + GAP)
+        top, left = GAP + (i // cols) * (H + strip + GAP), GAP + (i % cols) * (W + GAP)
         sheet[top: top + t.shape[0], left: left + t.shape[1]] = t
-    return sheet
+    if not labels:
+        return sheet
+    from PIL import ImageDraw, ImageFont
+
+    image = Image.fromarray(sheet, "RGB")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    for i, label in enumerate(labels):
+        top, left = GAP + (i // cols) * (H + strip + GAP) + H, GAP + (i % cols) * (W + GAP)
+        tail = label
+        while tail and draw.textlength(label, font=font) > W:  # keep the end: the file name
+            tail = tail[1:]
+            label = "..." + tail
+        draw.text((left, top + 1), label, fill=(0, 0, 0), font=font)
+    return np.asarray(image)
+
+
+def _label(name: str) -> str:
+    """A tile's name: a packed row's key (``DIR[sub/cat.jpg]``: ``sub/cat.jpg``), or the output file's
+    name less its suffix (``emb/sub/cat.jpg.safetensors``: ``cat.jpg``)."""
+    if name.endswith("]") and "[" in name:
+        return name[name.index("[") + 1: -1]
+    file = Path(name).name
+    return file.rsplit(".", 1)[0] if file.endswith((".safetensors", ".npy")) else file
 
 
 def show_outputs(paths, out, keys=(), mask: bool = False, mask_threshold: float = 0.0, limit: int = 16,
@@ -286,7 +312,8 @@ def show_outputs(paths, out, keys=(), mask: bool = False, mask_threshold: float 
     """Write one PNG, ``out`` (atomically: a temporary file renamed into place), and return its path:
     for each output (``read_patch_tokens`` of ``paths``, ``keys``, ``limit``), the image as the model
     saw it (``model_view``) beside its patch-feature map (``pca_maps``, one basis for all, ``mask``),
-    each patch a P x P square; tiles GAP pixels apart, ``columns`` a row. Outputs whose source is
+    each patch a P x P square; tiles GAP pixels apart, ``columns`` a row, each named under it when
+    there are several. Outputs whose source is
     missing get the map alone (a warning); when none has one, the tiles are maps only.
 
     Raises:
@@ -306,7 +333,8 @@ def show_outputs(paths, out, keys=(), mask: bool = False, mask_threshold: float 
     with_view = any(v is not None for v in views)
     tiles = [_tile(v, m, int(i.metadata.get("patch_size", 16)), with_view) for v, m, i in zip(views, maps, items)]
     buffer = io.BytesIO()
-    Image.fromarray(_sheet(tiles, columns), "RGB").save(buffer, "PNG")
+    labels = [_label(i.name) for i in items] if len(items) > 1 else None  # which tile is which
+    Image.fromarray(_sheet(tiles, columns, labels), "RGB").save(buffer, "PNG")
     try:
         atomic_write(out, buffer.getbuffer())
     except OSError as e:
