@@ -169,3 +169,15 @@ def test_a_folder_is_shown_sorted_up_to_limit_and_bad_arguments_are_refused(outp
     r, out, err = show(str(outputs / "emb"), "--out", str(tmp_path / "x.jpg"))
     assert r.returncode == 2 and ".png" in err
     assert not (tmp_path / "x.png").exists() and not list(tmp_path.glob(".vitembed-*"))
+
+
+def test_npy_outputs_get_one_warning_for_their_missing_sources(outputs, small_ckpt, tmp_path):
+    """New-user report: a --format npy folder warned 'no source recorded' once per file."""
+    src = [str(outputs / "src" / n) for n in ("halves.png", "twin.png")]
+    r = run_cli("encode", *src, "--out", str(tmp_path / "npy"), "--format", "npy", "--weights", str(small_ckpt), "-q")
+    assert r.returncode == 0, r.stderr
+    r, _, err = show(str(tmp_path / "npy"), "--out", str(tmp_path / "n.png"))
+    assert r.returncode == 0, err
+    lines = [line for line in err.splitlines() if "no source recorded" in line]
+    assert len(lines) == 1 and "and 1 more" in lines[0], err
+    assert png(tmp_path / "n.png").shape == (SIDE + LABEL + 2 * GAP, 2 * SIDE + 3 * GAP, 3)  # maps alone, named

@@ -329,7 +329,12 @@ def show_outputs(paths, out, keys=(), mask: bool = False, mask_threshold: float 
         raise UsageError(f"--limit and --columns must be at least 1 (got {limit} and {columns})")
     items = read_patch_tokens(paths, keys, limit)
     maps = pca_maps([i.tokens for i in items], [i.grid for i in items], mask, mask_threshold)
-    views = [model_view(i) for i in items]
+    unsourced = [i.name for i in items if not i.source]
+    if unsourced:  # npy outputs hold no metadata: one warning, not one per file
+        warnings.warn(VitembedWarning(
+            f"{unsourced[0]}" + (f" and {len(unsourced) - 1} more" if len(unsourced) > 1 else "")
+            + ": no source recorded (npy files hold no metadata); showing the map alone"))
+    views = [model_view(i) if i.source else None for i in items]
     with_view = any(v is not None for v in views)
     tiles = [_tile(v, m, int(i.metadata.get("patch_size", 16)), with_view) for v, m, i in zip(views, maps, items)]
     buffer = io.BytesIO()
