@@ -180,6 +180,44 @@ def test_export_reads_one_part_at_a_time(tmp_path, monkeypatch):
     assert np.array_equal(np.load(tmp_path / "v.npy")[:, 0], np.arange(300, dtype=np.float32))
 
 
+def test_packed_rows_are_those_iter_packed_gives_without_holding_the_index(tmp_path, monkeypatch):
+    """Re-encoded keys (the last line wins), a part a killed run never indexed, a key whose latest
+    line is a failure and a torn line: export reads the same rows as ``iter_packed`` and does not
+    build the index as dicts (``scan_index``: about 1.2 KB a row; ``live_rows``: about 40 bytes)."""
+    import torch
+
+    from vitembed.layouts import packed_index
+    from vitembed.layouts.packed import PackWriter, iter_packed
+
+    folder = tmp_path / "emb"
+    _synthetic_packed(folder, parts=3, rows=4, dim=8)  # img00000 .. img00011
+    meta = {"pool": "cls", "hidden_size": "8", "layout": "packed"}
+    writer = PackWriter(folder, 3, "part-", meta)  # img00001 again, img00004 again, a new img00100
+    for key, value in (("img00001.png", 101.0), ("img00004.png", 104.0), ("img00100.png", 100.0)):
+        writer.add(key, f"in/{key}", torch.full((8,), value))
+    assert writer.flush()[2] is None
+    index = folder / "index.jsonl"
+    lines = index.read_text().splitlines()
+    index.write_text("\n".join(lines[:-3]) + "\n" + '{"key": "img00005.png", "status": "failed"}\n{"key": "img0\n')
+    with pytest.warns(Warning):
+        expected = [(k, s, np.asarray(a)) for k, s, a in iter_packed(folder)]
+    assert [k for k, _, _ in expected] == ["img00000.png", "img00002.png", "img00003.png", *(
+        f"img{i:05d}.png" for i in (6, 7, 8, 9, 10, 11)), "img00001.png", "img00004.png", "img00100.png"]
+
+    def no_dicts(*args, **kwargs):
+        raise AssertionError("export held the index as dicts")
+
+    monkeypatch.setattr(packed_index, "scan_index", no_dicts)
+    with pytest.warns(Warning, match="not valid index entries"):
+        got = list(iter_vectors(folder))
+    assert [(k, s) for k, s, _ in got] == [(k, s) for k, s, _ in expected]
+    assert all(np.array_equal(v, a) for (_, _, v), (_, _, a) in zip(got, expected))
+    index.write_text(index.read_text() + '{"key": "img00000.png", "part": "part-00000.safetensors", "row": 3, '
+                                         '"status": "encoded"}\n')  # row 3 holds img00003: not where it says
+    with pytest.raises(UsageError, match="not where it says"), pytest.warns(Warning):
+        list(iter_vectors(folder))
+
+
 def _no_output(folder: Path) -> bool:
     return not any(folder.iterdir())
 

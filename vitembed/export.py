@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .errors import InputError, UsageError, VitembedError, printable, shown
+from .errors import InputError, UsageError, printable, shown
 from .settings import _differences, run_settings
 
 __all__ = ["Exported", "export_vectors", "iter_vectors"]
@@ -167,30 +167,40 @@ def _files_rows(root: Path, pool: str | None) -> Iterator[tuple[str, str, np.nda
 
 
 def _packed_rows(folder: Path, pool: str | None) -> Iterator[tuple[str, str, np.ndarray]]:
-    """``iter_vectors`` of a packed folder: ``iter_packed``'s rows, one part in memory at a time."""
-    from .layouts.packed import _live_parts, iter_packed
-    from .layouts.packed_index import read_part
+    """``iter_vectors`` of a packed folder: the rows ``iter_packed`` yields, in its order, with one
+    part in memory at a time and the index held as ``live_rows``' compact arrays, not as dicts."""
+    from .layouts.packed_index import INDEX_FILE, PACK_TENSOR, key_digest, live_rows, read_part
+    from .tensors import load_tensor
 
-    settings, first = None, ""
-    for part in _live_parts(folder):
-        theirs = read_part(folder / part).settings or {}
+    found = live_rows(folder)
+    if not found and not (folder / INDEX_FILE).is_file():
+        raise UsageError(f"{shown(folder)} holds no packed outputs (no {INDEX_FILE}, no part files)")
+    settings, first, pooled, shape = None, "", None, None
+    for part, rows, digests in found:
+        info = read_part(folder / part)
+        keys, sources = info.keys or [], info.sources or []
+        for row, digest in zip(rows.tolist(), digests):
+            if not (info.complete and row < len(keys) and key_digest(keys[row]) == digest.tobytes()):
+                raise UsageError(f"{shown(folder / INDEX_FILE)}: a row is not where it says ({part!r} row {row}); "
+                                 "run the same encode again to redo it")
+        theirs = info.settings or {}
         if settings is None:
             settings, first = theirs, part
         elif theirs != settings:
             raise UsageError(f"{shown(folder / part)}: made with other settings than {shown(folder / first)} "
                              f"({_differences(theirs, settings)}); an --overwrite that did not finish?")
-    pooled = shape = None
-    try:
-        for key, source, array in iter_packed(folder):
+        try:
+            tensor = load_tensor(str(folder / part), PACK_TENSOR)
+        except Exception as e:  # a part whose header reads but whose data does not
+            raise InputError(str(folder / part), "unreadable", f"cannot read a part file: {e}") from None
+        for row in rows.tolist():
+            array = tensor[row]
             if pooled is None:
-                pooled, shape = _pooler(settings or {}, array.shape, pool, shown(folder)), array.shape
+                pooled, shape = _pooler(settings, array.shape, pool, shown(folder)), array.shape
             elif array.shape != shape:
-                raise UsageError(f"{shown(folder)}: {key!r} has shape {array.shape}, the rows before it {shape}")
-            yield key, source, pooled(array)
-    except VitembedError:
-        raise
-    except Exception as e:  # a part whose header iter_packed checked but whose data cannot be read
-        raise InputError(str(folder), "unreadable", f"cannot read a part file: {e}") from None
+                raise UsageError(f"{shown(folder)}: {keys[row]!r} has shape {array.shape}, the rows before it {shape}")
+            yield keys[row], sources[row], pooled(array)
+        del tensor
     if pooled is None:
         raise UsageError(f"{shown(folder)} holds no encoded embeddings (index.jsonl lists only failures)")
 

@@ -13,6 +13,7 @@ import re
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from ..errors import UsageError, shown
@@ -206,3 +207,88 @@ def remove_dead_parts(out_dir: Path) -> list[str]:
             except OSError:
                 pass
     return removed
+
+
+def key_digest(key: str) -> bytes:
+    """16 bytes (blake2b) standing for a key in ``live_rows``: two different keys of 10^9 share a
+    digest with a chance near 10^-20."""
+    import hashlib
+
+    return hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+
+
+def live_rows(out_dir: Path) -> list[tuple[str, Any, Any]]:
+    """The rows ``iter_packed`` yields, found without holding the index: for each part holding the
+    latest embedding of some key, in part-name order, (part name, its rows sorted (n,) int64, the
+    ``key_digest`` of each row's key (n, 2) uint64) to check against the part's own ``keys``.
+
+    The index is read line by line into compact arrays (a key's digest, its part and row, whether
+    it is encoded: about 40 bytes a line, against a kilobyte as dicts), and complete parts no line
+    names come after it, as ``recover_parts`` adds them. The last line of a key wins.
+
+    Raises:
+        UsageError: the index cannot be read, or its latest entry of some key names no valid part
+            and row (re-run the same ``encode`` to redo them).
+    """
+    import warnings
+    from array import array
+
+    import numpy as np
+
+    from ..errors import VitembedWarning
+
+    digests, parts, rows, state = bytearray(), array("i"), array("q"), array("b")  # state: 0 not encoded, 1 ok, 2 bad
+    names: list[str] = []
+    ids: dict[str, int] = {}
+    named: set[str] = set()
+
+    def add(key: str, part, row, status) -> None:
+        digests.extend(key_digest(key))
+        valid = (isinstance(part, str) and PART_NAME.match(part) is not None and isinstance(row, int)
+                 and not isinstance(row, bool) and 0 <= row < 2**62)
+        parts.append(ids.setdefault(part, len(ids)) if valid else -1)
+        if valid and len(ids) > len(names):
+            names.append(part)
+        rows.append(row if valid else -1)
+        state.append(0 if status != "encoded" else 1 if valid else 2)
+
+    bad_lines: list[int] = []
+    for entry in _index_entries(out_dir, bad_lines):
+        if isinstance(entry.get("part"), str):
+            named.add(entry["part"])
+        if isinstance(entry.get("key"), str):
+            add(entry["key"], entry.get("part"), entry.get("row"), entry.get("status"))
+    if bad_lines:
+        warnings.warn(VitembedWarning(f"{shown(Path(out_dir) / INDEX_FILE)}: {len(bad_lines)} line(s) are not valid "
+                                      f"index entries (line {bad_lines[0]}, ...); the inputs they recorded are treated "
+                                      "as not done"))
+    try:
+        unnamed = sorted(n for n in os.listdir(out_dir) if PART_NAME.match(n) and n not in named)
+    except FileNotFoundError:
+        unnamed = []
+    for name in unnamed:
+        info = read_part(Path(out_dir) / name)
+        if info.complete and info.keys is not None:
+            for row, key in enumerate(info.keys):
+                add(key, name, row, "encoded")
+    if not rows:
+        return []
+    d = np.frombuffer(bytes(digests), dtype=np.uint64).reshape(-1, 2)
+    order = np.lexsort((np.arange(len(d)), d[:, 1], d[:, 0]))  # by digest, then line: a key's last line last
+    sorted_d = d[order]
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = (sorted_d[1:] != sorted_d[:-1]).any(axis=1)
+    latest = order[last]
+    del order, sorted_d, last
+    states = np.frombuffer(state, dtype=np.int8)[latest]
+    if (states == 2).any():
+        raise UsageError(f"{shown(Path(out_dir) / INDEX_FILE)}: {int((states == 2).sum())} rows are not where it says "
+                         "(a part or row that is not valid); run the same encode again to redo them")
+    good = latest[states == 1]
+    part_of, row_of = np.frombuffer(parts, dtype=np.int32)[good], np.frombuffer(rows, dtype=np.int64)[good]
+    by = np.lexsort((row_of, part_of))
+    good, part_of, row_of = good[by], part_of[by], row_of[by]
+    starts = np.flatnonzero(np.r_[True, part_of[1:] != part_of[:-1]]) if len(good) else np.array([], dtype=np.int64)
+    ends = np.r_[starts[1:], len(good)]
+    found = [(names[part_of[s]], row_of[s:e], d[good[s:e]]) for s, e in zip(starts, ends)]
+    return sorted(found, key=lambda item: item[0])
