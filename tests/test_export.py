@@ -247,3 +247,33 @@ def test_outputs_of_other_settings_are_named(emb, tmp_path):
     with pytest.raises(UsageError, match=r"zz\.png\.safetensors: made with other settings.*pool"):
         export_vectors(mixed, tmp_path / "v.npy")
     assert not (tmp_path / "v.npy").exists() and not (tmp_path / "v.keys.jsonl").exists()
+
+
+def test_out_never_lands_in_an_output_folder_and_a_damaged_part_is_named(emb, tmp_path):
+    """Breaking pass: OUT through a symlink into EMB, or into another output folder, replaced outputs
+    there; OUT a folder left OUT.keys.jsonl behind; a missing part was blamed on 'other settings';
+    a FIFO among the outputs hung the export."""
+    import os
+
+    (tmp_path / "link").symlink_to(emb / "cls")
+    for out, words in ((tmp_path / "link" / "x.npy", "is inside"), (emb / "npy" / "img0.png.npy", "output folder of vitembed encode"),
+                       (emb / "packed" / "v.parquet", "output folder of vitembed encode")):
+        before = sorted(p.name for p in out.parent.iterdir())
+        r = run_cli("export", str(emb / "cls"), str(out))
+        assert r.returncode == 2 and words in r.stderr.decode(), r.stderr.decode()
+        assert sorted(p.name for p in out.parent.iterdir()) == before
+    (tmp_path / "o.npy").mkdir()
+    r = run_cli("export", str(emb / "cls"), str(tmp_path / "o.npy"))
+    assert r.returncode == 2 and "is a folder" in r.stderr.decode() and not (tmp_path / "o.keys.jsonl").exists()
+    packed = tmp_path / "packed"
+    shutil.copytree(emb / "packed", packed)
+    (packed / "part-00001.safetensors").unlink()
+    r = run_cli("export", str(packed), str(tmp_path / "p.npy"))
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "part-00001.safetensors: missing, cut short or not a part file" in err, err
+    assert "other settings" not in err and not (tmp_path / "p.npy").exists()
+    fifo = tmp_path / "fifo"
+    shutil.copytree(emb / "cls", fifo)
+    os.mkfifo(fifo / "zz.safetensors")
+    r = run_cli("export", str(fifo), str(tmp_path / "f.npy"), timeout=60)
+    assert r.returncode == 2 and "zz.safetensors: not a regular file" in r.stderr.decode(), r.stderr.decode()

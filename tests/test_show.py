@@ -181,3 +181,21 @@ def test_npy_outputs_get_one_warning_for_their_missing_sources(outputs, small_ck
     lines = [line for line in err.splitlines() if "no source recorded" in line]
     assert len(lines) == 1 and "and 1 more" in lines[0], err
     assert png(tmp_path / "n.png").shape == (SIDE + LABEL + 2 * GAP, 2 * SIDE + 3 * GAP, 3)  # maps alone, named
+
+
+def test_the_png_never_replaces_a_source_and_a_fifo_does_not_block(outputs, tmp_path):
+    """Breaking pass: `show so --out s/photo.png` replaced the photo; a FIFO named x.safetensors hung."""
+    import os
+    import shutil
+
+    source = outputs / "src" / "halves.png"
+    before = source.read_bytes()
+    r, _, err = show(str(outputs / "emb" / "halves.png.safetensors"), "--out", str(source))
+    assert r.returncode == 2 and "is the source image of" in err and source.read_bytes() == before, err
+    r, _, err = show(str(outputs / "emb"), "--mask", "--mask-threshold", "nan", "--out", str(tmp_path / "m.png"))
+    assert r.returncode == 2 and "--mask-threshold nan" in err, err
+    folder = tmp_path / "fifo"
+    shutil.copytree(outputs / "emb", folder)
+    os.mkfifo(folder / "zz.safetensors")
+    r = run_cli("show", str(folder), "--out", str(tmp_path / "f.png"), timeout=60)
+    assert r.returncode == 1 and "zz.safetensors: not a regular file" in r.stderr.decode(), r.stderr.decode()

@@ -178,6 +178,9 @@ def _packed_rows(folder: Path, pool: str | None) -> Iterator[tuple[str, str, np.
     settings, first, pooled, shape = None, "", None, None
     for part, rows, digests in found:
         info = read_part(folder / part)
+        if not info.complete:
+            raise InputError(str(folder / part), "unreadable", "missing, cut short or not a part file, though the "
+                             "index names it; run the same encode again to redo its rows")
         keys, sources = info.keys or [], info.sources or []
         for row, digest in zip(rows.tolist(), digests):
             if not (info.complete and row < len(keys) and key_digest(keys[row]) == digest.tobytes()):
@@ -335,8 +338,15 @@ def export_vectors(emb: str | os.PathLike, out: str | os.PathLike, pool: str | N
     if out.suffix not in WRITERS:
         raise UsageError(f"{shown(out)}: cannot export to {out.suffix or 'a name without a suffix'!r}; "
                          "OUT must end in .npy (plus OUT.keys.jsonl) or .parquet")
-    if Path(emb).is_dir() and Path(os.path.abspath(out)).is_relative_to(os.path.abspath(emb)):
+    real_out = Path(os.path.realpath(out))
+    if Path(emb).is_dir() and real_out.is_relative_to(os.path.realpath(emb)):
         raise UsageError(f"{shown(out)} is inside {shown(emb)}; write the export elsewhere")
+    if (real_out.parent / "vitembed.json").exists() or (real_out.parent / "index.jsonl").exists():
+        raise UsageError(f"{shown(out)} is inside an output folder of vitembed encode ({shown(out.parent)}); "
+                         "write the export elsewhere")
+    for target in (out, out.with_name(out.stem + ".keys.jsonl")):
+        if target.is_dir():
+            raise UsageError(f"{shown(target)} is a folder; OUT names the file to write")
     writer = None
     try:
         for key, source, vector in iter_vectors(emb, pool):

@@ -327,7 +327,13 @@ def show_outputs(paths, out, keys=(), mask: bool = False, mask_threshold: float 
         raise UsageError(f"--out {shown(out)}: expected a .png file")
     if limit < 1 or columns < 1:
         raise UsageError(f"--limit and --columns must be at least 1 (got {limit} and {columns})")
+    if not math.isfinite(mask_threshold):
+        raise UsageError(f"--mask-threshold {mask_threshold}: must be a finite number")
     items = read_patch_tokens(paths, keys, limit)
+    target = os.path.realpath(out)
+    for item in items:  # the PNG must never replace what it shows
+        if item.source and os.path.realpath(item.source) == target:
+            raise UsageError(f"--out {shown(out)} is the source image of {item.name}; write the PNG elsewhere")
     maps = pca_maps([i.tokens for i in items], [i.grid for i in items], mask, mask_threshold)
     unsourced = [i.name for i in items if not i.source]
     if unsourced:  # npy outputs hold no metadata: one warning, not one per file

@@ -123,8 +123,9 @@ def encode(
     _quiet_pillow()
     terminated = _stop_on_sigterm()
     try:
-        if not 0 <= log_every < float("inf"):
-            raise UsageError(f"--log-every {log_every}: must be a number of seconds, 0 (no progress lines) or more")
+        if not 0 <= log_every <= 10**6:
+            raise UsageError(f"--log-every {log_every}: must be a number of seconds from 0 (no progress lines) "
+                             "to 1000000")
         inputs, stdin_paths = _stdin_inputs(inputs or [], null, from_table or [], column)
         given = [flag for flag, value in (("--ray-address", ray_address), ("--actors", actors), ("--actor-cpus", actor_cpus),
                                           ("--decode-cpus", None if decode_cpus == 1.0 else decode_cpus)) if value is not None]

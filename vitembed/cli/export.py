@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import _fail, _opt, command
+from .common import _fail, _opt, _quiet_pillow, command
 
 
 
@@ -36,12 +36,16 @@ def export(
     from ..errors import VitembedError, shown
     from ..export import export_vectors
 
+    from .encode import _stop_on_sigterm
+
+    _quiet_pillow()  # warnings as one `warning:` line
+    terminated = _stop_on_sigterm()
     try:
         done = export_vectors(emb, out, pool=pool, normalize=normalize)
     except VitembedError as e:
         raise _fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:
-        raise _fail("interrupted; nothing was written", 130) from None
+        raise _fail("interrupted; nothing was written", 143 if terminated else 130) from None
     say(f"exported {done.rows} vector{'' if done.rows == 1 else 's'} of {done.dim} to {shown(done.out)}" + (f" (keys: {shown(done.keys)})" if done.keys else ""))
     if as_json:
         stdout(json.dumps({"rows": done.rows, "dim": done.dim, "out": done.out, "keys": done.keys}, ensure_ascii=False) + "\n")

@@ -225,9 +225,12 @@ def _read_one(file: Path) -> tuple[np.ndarray, dict[str, str]]:
     """(the embedding, the metadata) of one per-image output.
 
     Raises:
-        InputError: the file cannot be read whole, or holds no ``embedding`` tensor.
+        InputError: the file cannot be read whole, is not a regular file (a FIFO named
+            ``x.safetensors`` would block the reader for ever), or holds no ``embedding`` tensor.
     """
     try:
+        if not stat.S_ISREG(os.stat(file).st_mode):
+            raise InputError(str(file), "unreadable", "not a regular file")
         if file.suffix == ".npy":
             return np.load(file, allow_pickle=False), {"source": ""}
         from safetensors import safe_open
