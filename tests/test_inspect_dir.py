@@ -63,3 +63,40 @@ def test_json_metadata_has_one_order_and_typed_numbers(outputs):
 def test_bookkeeping_files_are_named_as_such(outputs):
     r = run_cli("inspect", str(outputs / "files" / "vitembed.json"))
     assert r.returncode == 1 and "a bookkeeping file of an output folder" in r.stderr.decode()
+
+
+def test_packed_folders_with_failures_lost_parts_or_odd_index_lines_get_messages(outputs, small_ckpt, tmp_path):
+    """Breaking pass: a failed input's --key gave a TypeError, an all-failed pack an IndexError, a
+    hand-edited row printed another key's row under this key, and a lost part still counted."""
+    import shutil
+
+    src = tmp_path / "src"
+    src.mkdir()
+    photo(seed=5).save(src / "ok.png")
+    (src / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    r = run_cli("encode", str(src), "--out", str(tmp_path / "pf"), "--pack", "4", "--weights", str(small_ckpt), "-q")
+    assert r.returncode == 1
+    r = run_cli("inspect", str(tmp_path / "pf"), "--key", "bad.png")
+    assert r.returncode == 1 and "'bad.png' was not encoded: failed" in r.stderr.decode(), r.stderr.decode()
+    info = json.loads(run_cli("inspect", str(tmp_path / "pf"), "--json").stdout)
+    assert (info["outputs"], info["failed"], info["parts"]) == (1, 1, 1)
+    (src / "ok.png").unlink()
+    r = run_cli("encode", str(src), "--out", str(tmp_path / "pfo"), "--pack", "4", "--weights", str(small_ckpt), "-q")
+    r = run_cli("inspect", str(tmp_path / "pfo"))
+    assert r.returncode == 0 and "0 outputs, 1 failed inputs" in r.stdout.decode(), r.stderr.decode()
+    packed = tmp_path / "packed"
+    shutil.copytree(outputs / "packed", packed)
+    index = packed / "index.jsonl"
+    lines = index.read_text().splitlines()
+    for row in ('"abc"', "null", "true", "-1", "1"):  # im0 is row 0 of part 0; row 1 holds im1
+        index.write_text("\n".join(lines) + "\n" + json.dumps({"key": "im0.png", "part": "part-00000.safetensors",
+                                                                "status": "encoded"})[:-1] + f', "row": {row}}}\n')
+        r = run_cli("inspect", str(packed), "--key", "im0.png")
+        assert r.returncode == 1 and "which does not hold it" in r.stderr.decode(), (row, r.stderr.decode())
+    index.write_text("\n".join(lines) + "\n")
+    (packed / "part-00001.safetensors").unlink()
+    info = json.loads(run_cli("inspect", str(packed), "--json").stdout)
+    assert (info["outputs"], info["parts"], info["missing_parts"]) == (3, 1, 1)
+    index.unlink()  # the part left still holds its rows: found as export and show find them
+    r = run_cli("inspect", str(packed), "--key", "im1.png", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["metadata"]["key"] == "im1.png", r.stderr.decode()

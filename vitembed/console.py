@@ -246,7 +246,9 @@ def print_inspect_dir(info: dict) -> None:
     console = Console(highlight=False, soft_wrap=True)
     layout = {"packed": f"packed ({info.get('parts', 0)} parts + index.jsonl)", "files": "one file per image"}.get(
         info["layout"], "no outputs yet")
-    console.print(f"{shown(info['path'])} (folder): {layout}, {info['outputs']} outputs", markup=False)
+    extra = "".join(f", {info[k]} {words}" for k, words in (("failed", "failed inputs"), ("missing_parts",
+                    "part files missing or cut short (run the same encode again to redo their rows)")) if info.get(k))
+    console.print(f"{shown(info['path'])} (folder): {layout}, {info['outputs']} outputs{extra}", markup=False)
     if info["shape"] is not None:
         console.print(f"  each: shape {tuple(info['shape'])} {info['dtype']} ({info['format']})", markup=False)
     settings = info["settings"] or {}

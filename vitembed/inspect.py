@@ -137,7 +137,7 @@ def inspect_dir(path: str | os.PathLike) -> dict[str, Any]:
     from pathlib import Path
 
     from .layouts.files import _outputs_under
-    from .layouts.packed_index import INDEX_FILE, PART_NAME, scan_index
+    from .layouts.packed_index import INDEX_FILE, PART_NAME, read_part, recover_parts, scan_index
     from .outdir import SETTINGS_FILE, read_dir_state
 
     folder, name = Path(path), os.fspath(path)
@@ -146,10 +146,13 @@ def inspect_dir(path: str | os.PathLike) -> dict[str, Any]:
                             "shape": None, "dtype": None, "settings": settings}
     first = None
     if (folder / INDEX_FILE).exists() or any(PART_NAME.match(n) for n in os.listdir(folder)):
-        latest, _ = scan_index(folder)
-        parts = {e.get("part") for e in latest.values()}
-        info.update(layout="packed", outputs=len(latest), parts=len(parts), format="safetensors")
-        first = folder / sorted(p for p in parts if isinstance(p, str))[0] if parts else None
+        latest = recover_parts(folder, *scan_index(folder), write=False)  # parts never indexed count too
+        encoded = [e for e in latest.values() if e.get("status") == "encoded"]
+        parts = sorted({e["part"] for e in encoded if isinstance(e.get("part"), str) and PART_NAME.match(e["part"])})
+        present = [p for p in parts if read_part(folder / p).complete]
+        info.update(layout="packed", outputs=len(encoded), failed=len(latest) - len(encoded), parts=len(present),
+                    missing_parts=len(parts) - len(present), format="safetensors")
+        first = folder / present[0] if present else None
     else:
         for count, file in enumerate(_outputs_under(folder), 1):
             first, info["outputs"] = first or file, count
@@ -173,18 +176,29 @@ def inspect_row(folder: str | os.PathLike, key: str) -> dict[str, Any]:
     """
     from pathlib import Path
 
-    from .layouts.packed_index import PACK_TENSOR, scan_index
+    from .layouts.packed_index import PACK_TENSOR, PART_NAME, read_part, recover_parts, scan_index
 
     name = os.fspath(folder)
-    latest, _ = scan_index(Path(folder))
+    if not Path(folder).is_dir():
+        raise InputError(name, "not-found", "--key reads a row of a --pack folder; this is not a folder")
+    latest = recover_parts(Path(folder), *scan_index(Path(folder)), write=False)  # parts never indexed too
     if not latest:
         raise InputError(name, "not-found", "no packed outputs here (--key reads a row of a --pack folder)")
     entry = latest.get(key)
     if entry is None:
         raise InputError(name, "not-found", f"no row with key {key!r} in its index.jsonl")
-    part = Path(folder) / entry["part"]
+    if entry.get("status") != "encoded":
+        raise InputError(name, "not-found", f"{key!r} was not encoded: {entry.get('status', 'no status')} "
+                         f"({entry.get('error_kind', '')}: {entry.get('error', '')})")
+    part_name, row = entry.get("part"), entry.get("row")
+    held = (isinstance(part_name, str) and PART_NAME.match(part_name) and isinstance(row, int)
+            and not isinstance(row, bool) and row >= 0)
+    keys = read_part(Path(folder) / part_name).keys or [] if held else []
+    if not (held and row < len(keys) and keys[row] == key):
+        raise InputError(name, "unreadable", f"index.jsonl says {key!r} is row {row!r} of {part_name!r}, which does "
+                         "not hold it; run the same encode again to redo it")
+    part = Path(folder) / part_name
     info = inspect_file(part)
-    row = int(entry["row"])
     try:
         from safetensors import safe_open
 
