@@ -287,6 +287,20 @@ def test_closed_stdout_exits_141_and_keeps_the_rows(tmp_path, small_ckpt):
     assert 4 <= len(_iter(out)) <= 6
 
 
+def test_closed_stderr_loses_the_messages_not_the_work(tmp_path, small_ckpt):
+    """Breaking pass: `vitembed encode ... 2>&1 | head -1` exited 1 with nothing written (click
+    turned the EPIPE of the start panel into exit 1)."""
+    src, out = _folder(tmp_path / "in", good=3), tmp_path / "out"
+    env = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
+    read, write = os.pipe()
+    os.close(read)  # no reader: every write to stderr is EPIPE
+    proc = subprocess.run([sys.executable, "-m", "vitembed", "encode", str(src), "--out", str(out), "--weights",
+                           str(small_ckpt)], env=env, stdout=subprocess.DEVNULL, stderr=write, timeout=300)
+    os.close(write)
+    assert proc.returncode == 0
+    assert len(list(out.glob("*.safetensors"))) == 3
+
+
 def test_float16_overflow_is_reported(tmp_path):
     from safetensors.torch import load_file as load_torch, save_file
 

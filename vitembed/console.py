@@ -36,9 +36,42 @@ def out(text: str, flush: bool = False) -> None:
         raise StdoutClosed() from None
 
 
+class _Stderr:
+    """sys.stderr, but a reader that went away (``2>&1 | head -1``) silences it instead of ending
+    the job: a lost log must not lose the work (before, click turned the EPIPE into exit 1 before
+    anything was encoded)."""
+
+    closed = False
+
+    def write(self, text: str) -> int:
+        if not _Stderr.closed:
+            try:
+                sys.stderr.write(text)
+            except (BrokenPipeError, ValueError):  # ValueError: written after close
+                _Stderr.closed = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not _Stderr.closed:
+            try:
+                sys.stderr.flush()
+            except (BrokenPipeError, ValueError):
+                _Stderr.closed = True
+
+    def isatty(self) -> bool:
+        return not _Stderr.closed and sys.stderr.isatty()
+
+    def fileno(self) -> int:
+        return sys.stderr.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(sys.stderr, "encoding", "utf-8")
+
+
 def stderr(quiet: bool = False) -> Console:
-    """A console on stderr (``quiet``: it prints nothing)."""
-    return Console(stderr=True, quiet=quiet, highlight=False, soft_wrap=True)
+    """A console on stderr (``quiet``: it prints nothing); a closed stderr is silenced (``_Stderr``)."""
+    return Console(file=_Stderr(), stderr=True, quiet=quiet, highlight=False, soft_wrap=True)  # type: ignore[arg-type]
 
 
 def say(message: str) -> None:
