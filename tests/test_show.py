@@ -199,3 +199,16 @@ def test_the_png_never_replaces_a_source_and_a_fifo_does_not_block(outputs, tmp_
     os.mkfifo(folder / "zz.safetensors")
     r = run_cli("show", str(folder), "--out", str(tmp_path / "f.png"), timeout=60)
     assert r.returncode == 1 and "zz.safetensors: not a regular file" in r.stderr.decode(), r.stderr.decode()
+
+
+def test_outputs_of_two_models_or_seeds_do_not_share_a_sheet(outputs, tmp_path):
+    """Breaking pass: two models of one width were drawn with one PCA basis, exit 0."""
+    src = str(outputs / "src" / "halves.png")
+    for seed in ("0", "1"):
+        r = run_cli("encode", src, "--out", str(tmp_path / seed), "--model", "deit-tiny-patch16-224",
+                    "--weights", "random", "--seed", seed, "-q")
+        assert r.returncode == 0, r.stderr
+    r, _, err = show(str(tmp_path / "0"), str(tmp_path / "1"), "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "seed '1', but" in err and not (tmp_path / "x.png").exists(), err
+    r, _, err = show(str(tmp_path / "0"), str(tmp_path / "0" / "halves.png.safetensors"), "--out", str(tmp_path / "y.png"))
+    assert r.returncode == 0, err

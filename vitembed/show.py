@@ -298,6 +298,22 @@ def _sheet(tiles: list[np.ndarray], columns: int, labels: list[str] | None = Non
     return np.asarray(image)
 
 
+MODEL_KEYS = ("model", "family", "weights_sha256", "random_weights", "seed", "layer", "hidden_size")  # one feature space
+
+
+def _check_one_model(items: list[PatchTokens]) -> None:
+    """Refuse outputs of different models, weights or layers on one sheet: one PCA basis over
+    their tokens would mix two feature spaces whose axes mean different things."""
+    first = items[0]
+    for item in items[1:]:
+        differ = [k for k in MODEL_KEYS if item.metadata.get(k) != first.metadata.get(k)]
+        if differ:
+            k = differ[0]
+            raise UsageError(f"{item.name}: {k} {item.metadata.get(k, '<none>')!r}, but {first.name}: "
+                             f"{first.metadata.get(k, '<none>')!r}; one sheet shows the outputs of one model, "
+                             "weights and layer (their PCA basis is shared)")
+
+
 def _label(name: str) -> str:
     """A tile's name: a packed row's key (``DIR[sub/cat.jpg]``: ``sub/cat.jpg``), or the output file's
     name less its suffix (``emb/sub/cat.jpg.safetensors``: ``cat.jpg``)."""
@@ -330,6 +346,7 @@ def show_outputs(paths, out, keys=(), mask: bool = False, mask_threshold: float 
     if not math.isfinite(mask_threshold):
         raise UsageError(f"--mask-threshold {mask_threshold}: must be a finite number")
     items = read_patch_tokens(paths, keys, limit)
+    _check_one_model(items)
     target = os.path.realpath(out)
     for item in items:  # the PNG must never replace what it shows
         if item.source and os.path.realpath(item.source) == target:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..console import out, say
-from ..errors import InputError
+from ..errors import InputError, VitembedError
 from .common import _opt, command
 
 
@@ -53,7 +53,8 @@ def inspect(
             continue
         except Exception as e:  # one odd file must not hide the others
             failed += 1
-            say(f"error: {shown(path)}: cannot inspect: {type(e).__name__}: {e}")
+            why = str(e) if isinstance(e, VitembedError) else f"{type(e).__name__}: {e}"
+            say(f"error: {shown(path)}: cannot inspect: {why}")
             continue
         field = "settings" if info.get("kind") == "folder" else "metadata"
         if info[field] is not None:  # in a fixed order; --json: numbers and flags typed
