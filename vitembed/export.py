@@ -183,7 +183,7 @@ def _packed_rows(folder: Path, pool: str | None) -> Iterator[tuple[str, str, np.
                              "index names it; run the same encode again to redo its rows")
         keys, sources = info.keys or [], info.sources or []
         for row, digest in zip(rows.tolist(), digests):
-            if not (info.complete and row < len(keys) and key_digest(keys[row]) == digest.tobytes()):
+            if not (row < len(keys) and key_digest(keys[row]) == digest.tobytes()):
                 raise UsageError(f"{shown(folder / INDEX_FILE)}: a row is not where it says ({part!r} row {row}); "
                                  "run the same encode again to redo it")
         theirs = info.settings or {}

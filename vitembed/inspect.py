@@ -176,7 +176,7 @@ def inspect_row(folder: str | os.PathLike, key: str) -> dict[str, Any]:
     """
     from pathlib import Path
 
-    from .layouts.packed_index import PACK_TENSOR, PART_NAME, read_part, recover_parts, scan_index
+    from .layouts.packed_index import PACK_TENSOR, PART_NAME, part_holds, read_part, recover_parts, scan_index
 
     name = os.fspath(folder)
     if not Path(folder).is_dir():
@@ -191,10 +191,8 @@ def inspect_row(folder: str | os.PathLike, key: str) -> dict[str, Any]:
         raise InputError(name, "not-found", f"{key!r} was not encoded: {entry.get('status', 'no status')} "
                          f"({entry.get('error_kind', '')}: {entry.get('error', '')})")
     part_name, row = entry.get("part"), entry.get("row")
-    held = (isinstance(part_name, str) and PART_NAME.match(part_name) and isinstance(row, int)
-            and not isinstance(row, bool) and row >= 0)
-    keys = read_part(Path(folder) / part_name).keys or [] if held else []
-    if not (held and row < len(keys) and keys[row] == key):
+    if not (isinstance(part_name, str) and PART_NAME.match(part_name)
+            and part_holds(read_part(Path(folder) / part_name), row, key)):
         raise InputError(name, "unreadable", f"index.jsonl says {key!r} is row {row!r} of {part_name!r}, which does "
                          "not hold it; run the same encode again to redo it")
     part = Path(folder) / part_name

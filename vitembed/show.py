@@ -112,7 +112,7 @@ def _packed_row(folder: Path, key: str, entry: dict | None) -> PatchTokens:
     from its part (a ``safe_open`` slice; a bfloat16 part is read whole)."""
     from safetensors import safe_open
 
-    from .layouts.packed import _holds
+    from .layouts.packed_index import part_holds
     from .layouts.packed_index import PACK_TENSOR, PART_NAME, read_part
     from .tensors import load_tensor
 
@@ -121,7 +121,7 @@ def _packed_row(folder: Path, key: str, entry: dict | None) -> PatchTokens:
         raise UsageError(f"{name}: no encoded row with this key in {shown(folder)}")
     part, row = str(entry.get("part")), entry.get("row")
     info = read_part(folder / part) if PART_NAME.match(part) else None
-    if info is None or not _holds(info, row, key):
+    if info is None or not part_holds(info, row, key):
         raise UsageError(f"{name}: the index names a row that is not in its part; run the same encode again")
     with safe_open(str(folder / part), framework="numpy") as f:
         piece = f.get_slice(PACK_TENSOR)

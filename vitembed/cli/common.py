@@ -165,3 +165,21 @@ def _quiet_pillow() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     warnings.showwarning = show_warning
 
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's time limit or scancel), handled as Ctrl-C is."""
+
+
+def _stop_on_sigterm() -> list[bool]:
+    """Make SIGTERM stop the run as Ctrl-C does (whole outputs, the counts, resumable); the list
+    returned becomes non-empty when it arrives."""
+    import signal
+
+    terminated: list[bool] = []
+
+    def on_sigterm(signum, frame) -> None:
+        terminated.append(True)
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return terminated

@@ -12,7 +12,7 @@ from ..catalog import DEFAULT_MODEL
 from ..console import StdoutClosed, say, stderr
 from ..errors import UsageError, VitembedError
 from .common import (DTYPE, ENGINE, FORMAT, POOL, SAVE_DTYPE, AsJson, CropPct, ImageSize, Interpolation, Mean, Model, Resize, Std,
-                     Weights, _fail, _opt, _quiet_pillow, command)
+                     Weights, _fail, _opt, _quiet_pillow, _stop_on_sigterm, command)
 
 # The flags of `vitembed encode`, one line each; ModelOptions, EncodingOptions and RunOptions say what each means.
 Inputs = Annotated[Optional[list[str]], typer.Argument(
@@ -219,23 +219,3 @@ def _stdin_inputs(inputs: list[str], null: bool, tables: list[str] = (), column:
     if "-" not in inputs:
         return inputs, rows
     return [i for i in inputs if i != "-"], itertools.chain(read_path_list(sys.stdin.buffer, null_separated=null), rows)
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (a batch scheduler's time limit or scancel), handled as Ctrl-C is."""
-
-
-def _stop_on_sigterm() -> list[bool]:
-    """Make SIGTERM stop the run as Ctrl-C does (whole outputs, the counts, resumable); the list
-    returned becomes non-empty when it arrives."""
-    import signal
-
-    terminated: list[bool] = []
-
-    def on_sigterm(signum, frame) -> None:
-        terminated.append(True)
-        raise _Terminated()
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    return terminated
-

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import _fail, _opt, _quiet_pillow, command
+from .common import _fail, _opt, _quiet_pillow, _stop_on_sigterm, command
 
 
 
@@ -35,8 +35,6 @@ def export(
     from ..console import say
     from ..errors import VitembedError, shown
     from ..export import export_vectors
-
-    from .encode import _stop_on_sigterm
 
     _quiet_pillow()  # warnings as one `warning:` line
     terminated = _stop_on_sigterm()

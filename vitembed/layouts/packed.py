@@ -38,6 +38,7 @@ from .packed_index import (
     PartInfo,
     append_index,
     next_part_number,
+    part_holds,
     part_prefix,
     read_part,
     recover_parts,
@@ -137,7 +138,7 @@ def iter_packed(out_dir: str | os.PathLike) -> Iterator[tuple[str, str, object]]
             continue
         if part not in infos:
             infos[part] = read_part(out_dir / part)
-        if not _holds(infos[part], row, entry["key"]):
+        if not part_holds(infos[part], row, entry["key"]):
             bad.append(entry)
             continue
         by_part.setdefault(part, []).append(entry)
@@ -240,7 +241,7 @@ class PackedLayout(Layout):
                     parts[name] = (PartInfo(False), 0.0)
             info, mtime = parts[name]
             row = entry.get("row")
-            if not _holds(info, row, job.key):
+            if not part_holds(info, row, job.key):
                 todo.append(job)  # the part is gone, torn, or does not hold this input where the index says
             elif info.settings != settings or (redoing is not None and mtime < redoing):
                 if redoing is None:
@@ -297,9 +298,3 @@ def _live_parts(out_dir: Path) -> list[str]:
     index = recover_parts(out_dir, *scan_index(out_dir), write=False)
     return sorted({e["part"] for e in index.values() if e.get("status") == "encoded" and isinstance(e.get("part"), str)
                    and PART_NAME.match(e["part"])})
-
-
-def _holds(info: PartInfo, row, key: str) -> bool:
-    """Whether a part holds ``key`` at ``row``."""
-    keys = info.keys or []
-    return info.complete and isinstance(row, int) and not isinstance(row, bool) and 0 <= row < len(keys) and keys[row] == key

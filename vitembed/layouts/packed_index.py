@@ -111,18 +111,17 @@ def scan_index(out_dir: Path, warn: bool = False) -> tuple[dict[str, dict], set[
         if isinstance(entry.get("part"), str):
             named.add(entry["part"])
     if bad and warn:
-        import warnings
-
-        from ..errors import VitembedWarning
-
-        lines = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
-        warnings.warn(
-            f"{shown(Path(out_dir) / INDEX_FILE)}: {len(bad)} line(s) are not valid index entries (line {lines}); "
-            "the inputs they recorded are treated as not done",
-            VitembedWarning,
-            stacklevel=2,
-        )
+        _warn_bad_lines(out_dir, bad)
     return latest, named
+
+
+def _warn_bad_lines(out_dir: Path, bad: list[int]) -> None:
+    """A ``VitembedWarning`` naming the index lines that are not JSON objects."""
+    from ..errors import warn
+
+    lines = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+    warn(f"{shown(Path(out_dir) / INDEX_FILE)}: {len(bad)} line(s) are not valid index entries (line {lines}); "
+         "the inputs they recorded are treated as not done")
 
 
 def row_entries(keys: list[str], sources: list[str], part: str) -> list[dict]:
@@ -188,6 +187,12 @@ def recover_parts(out_dir: Path, index: dict[str, dict], named: set[str], write:
     return index
 
 
+def part_holds(info: PartInfo, row, key: str) -> bool:
+    """Whether a part holds ``key`` at ``row``."""
+    keys = info.keys or []
+    return info.complete and isinstance(row, int) and not isinstance(row, bool) and 0 <= row < len(keys) and keys[row] == key
+
+
 def live_parts(index: dict[str, dict]) -> set[str]:
     """Parts that hold the latest embedding of at least one key."""
     return {e["part"] for e in index.values() if e.get("status") == "encoded" and e.get("part")}
@@ -230,12 +235,9 @@ def live_rows(out_dir: Path) -> list[tuple[str, Any, Any]]:
         UsageError: the index cannot be read, or its latest entry of some key names no valid part
             and row (re-run the same ``encode`` to redo them).
     """
-    import warnings
     from array import array
 
     import numpy as np
-
-    from ..errors import VitembedWarning
 
     digests, parts, rows, state = bytearray(), array("i"), array("q"), array("b")  # state: 0 not encoded, 1 ok, 2 bad
     names: list[str] = []
@@ -259,9 +261,7 @@ def live_rows(out_dir: Path) -> list[tuple[str, Any, Any]]:
         if isinstance(entry.get("key"), str):
             add(entry["key"], entry.get("part"), entry.get("row"), entry.get("status"))
     if bad_lines:
-        warnings.warn(VitembedWarning(f"{shown(Path(out_dir) / INDEX_FILE)}: {len(bad_lines)} line(s) are not valid "
-                                      f"index entries (line {bad_lines[0]}, ...); the inputs they recorded are treated "
-                                      "as not done"))
+        _warn_bad_lines(out_dir, bad_lines)
     try:
         unnamed = sorted(n for n in os.listdir(out_dir) if PART_NAME.match(n) and n not in named)
     except FileNotFoundError:
