@@ -4,6 +4,7 @@ building the model, with its shapes and memory checked before it is allocated.""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
@@ -221,3 +222,44 @@ def test_hub_unreachable_probes_the_proxy_when_one_is_set():
 
     why = hub_unreachable("https://huggingface.co", timeout=1.0, environ={"HTTPS_PROXY": "http://proxy.vitembed-test.invalid:3128"})
     assert why is not None and why.startswith("the proxy proxy.vitembed-test.invalid:3128 cannot be reached")
+
+
+def test_safetensors_are_read_into_memory_of_their_own_exactly(tmp_path):
+    """Each tensor in its own buffer (not a view of a mapped file, which would keep the whole
+    checkpoint resident beside packed weights), equal to safetensors' own reading, for every
+    dtype, scalars and empty tensors; a cut file is a CheckpointError naming it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from vitembed.errors import CheckpointError
+    from vitembed.weights import read_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(5, 7, generator=g),
+        "bf16": torch.randn(3, 4, generator=g).bfloat16(),
+        "f16": torch.randn(9, generator=g).half(),
+        "i64": torch.arange(6).reshape(2, 3),
+        "flag": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
+    file = tmp_path / "model.safetensors"
+    save_file(tensors, str(file))
+    ours, theirs = read_state_dict(file), load_file(str(file))
+    assert ours.keys() == tensors.keys()
+    for key, value in ours.items():
+        assert value.dtype == theirs[key].dtype and value.shape == theirs[key].shape, key
+        assert torch.equal(value, theirs[key]), key
+        assert value.untyped_storage().nbytes() == value.nbytes, key
+    assert len({v.untyped_storage().data_ptr() for v in ours.values() if v.numel()}) == 6
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # Linux: the file is not mapped while its tensors live (safetensors' own reading maps it)
+        assert str(file) in maps.read_text()
+        del theirs
+        assert str(file) not in maps.read_text()
+
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(file.read_bytes()[:-20])
+    with pytest.raises(CheckpointError, match="cut.safetensors: cannot read checkpoint"):
+        read_state_dict(cut)

@@ -277,8 +277,42 @@ def resolve_weights(
     )
 
 
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _read_unmapped(file: Path, layout: dict[str, tuple[str, list[int]]]) -> dict[str, Any]:
+    """The tensors of a safetensors file (already checked by safetensors' ``safe_open``), each read
+    into a CPU tensor of its own (``readinto``, no mapping, one tensor's memory at a time).
+    ``layout``: key -> (safetensors dtype name, shape), as ``safe_open`` reports them. The
+    offsets come from the file's JSON header (the format: an 8-byte little-endian header length,
+    the header, then the data)."""
+    import json
+    import struct
+
+    import torch
+
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        tensors = {}
+        for key, (dtype, shape) in layout.items():
+            begin, end = header[key]["data_offsets"]
+            tensor = torch.empty(shape, dtype=getattr(torch, _SAFETENSORS_DTYPES[dtype]))
+            f.seek(8 + length + begin)
+            if end > begin and f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - begin:
+                raise ValueError(f"{key}: the file ends inside its data")
+            tensors[key] = tensor
+    return tensors
+
+
 def read_state_dict(file: Path) -> dict[str, Any]:
     """Tensors of a ``.safetensors`` file, or of a torch pickle read with ``weights_only=True``.
+
+    A safetensors file is read tensor by tensor into memory of each tensor's own (``_read_unmapped``),
+    not memory-mapped: a mapping stays resident as long as any tensor of the file lives, so a model
+    whose linears are packed into oneDNN's layout would hold the checkpoint twice.
 
     Wrapper dicts (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped.
 
@@ -288,10 +322,12 @@ def read_state_dict(file: Path) -> dict[str, Any]:
     import torch
 
     if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         try:
-            return load_file(str(file), device="cpu")
+            with safe_open(str(file), framework="pt") as f:  # safetensors checks the header and offsets
+                layout = {key: (f.get_slice(key).get_dtype(), f.get_slice(key).get_shape()) for key in f.keys()}
+            return _read_unmapped(file, layout)
         except Exception as e:
             raise CheckpointError(f"{file}: cannot read checkpoint: not a valid safetensors file ({e})") from None
     try:
@@ -325,14 +361,14 @@ def available_memory() -> int | None:
         return None
 
 
-def check_fits_memory(cfg: ViTConfig, source: str, copies: int = 1) -> int:
+def check_fits_memory(cfg: ViTConfig, source: str, copies: float = 1) -> int:
     """Refuse a model whose float32 parameters would not fit in the memory at hand.
 
     Args:
         cfg: the architecture.
         source: what it came from (a config.json, a model name), for the message.
-        copies: copies of the parameters held at once while loading (2: the
-            checkpoint's tensors beside the model's).
+        copies: copies of the parameters held at once while loading (1.3 for a checkpoint: its
+            tensors become the model's, plus what conversion and packing hold for a while).
 
     Returns:
         The number of parameters (``VisionTransformer.num_parameters``).
@@ -344,7 +380,7 @@ def check_fits_memory(cfg: ViTConfig, source: str, copies: int = 1) -> int:
     from .model import num_parameters
 
     count = num_parameters(cfg)
-    need = count * 4 * copies
+    need = int(count * 4 * copies)
     have = available_memory()
     if have is not None and need > have:
         raise CheckpointError(
@@ -363,7 +399,7 @@ def build_model(weights: ResolvedWeights):
     position embedding resampled if the input size changed
     (``convert.resample_pos_embed``), checked key by key and shape by shape
     against the architecture built on the ``meta`` device (no memory), and only
-    then is the model allocated and the checkpoint loaded strictly. Before
+    then are the checkpoint's tensors assigned to it (float32, no copy of a float32 checkpoint). Before
     anything is allocated, a model too large for the available memory is refused.
 
     Raises:
@@ -382,7 +418,7 @@ def build_model(weights: ResolvedWeights):
         return VisionTransformer(cfg).init_weights(seed=weights.seed or 0).eval()
     assert weights.file is not None
     config_file = weights.file.parent / "config.json"  # where the sizes came from, when there is one
-    check_fits_memory(cfg, str(config_file) if config_file.is_file() else source, copies=2)
+    check_fits_memory(cfg, str(config_file) if config_file.is_file() else source, copies=1.3)
     state_dict = convert_state_dict(read_state_dict(weights.file), str(weights.file))
     state_dict = embed_class_positions(state_dict, cfg.num_embedded_prefix_tokens)
     if weights.trained_image_size and "pos_embed" in state_dict:
@@ -393,6 +429,10 @@ def build_model(weights: ResolvedWeights):
     with torch.device("meta"):
         model = VisionTransformer(cfg)
     check_converted(model, state_dict, str(weights.file))  # before the model takes any memory
-    model = model.to_empty(device="cpu")  # every parameter is then set from the checkpoint
-    model.load_state_dict(state_dict, strict=True)  # copies, casting to float32
+    for key, value in state_dict.items():  # one tensor at a time: the other dtype's copy goes as it is cast
+        if value.is_floating_point() and value.dtype != torch.float32:
+            state_dict[key] = value.float()
+    # The checkpoint's own tensors become the parameters (no second copy of the model), so
+    # the loading peak is about the model's size (bench/bench.py measures it).
+    model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
