@@ -120,3 +120,77 @@ def test_packed_linears_match_the_plain_model_and_do_not_depend_on_the_batch(act
         assert (a - b).abs().max().item() < 1e-4
         assert torch.equal(packed(x[:2])["last"], b[:2])
     assert not pack_for_cpu(VisionTransformer(cfg).to(torch.bfloat16))  # float32 only
+
+
+def test_int8_block_linears_close_to_float32_and_recorded(tmp_path, small_ckpt):
+    """--dtype int8: the four linears of every block become Int8Linear (weights int8 per output
+    channel), the rest stays float32; outputs are float32, close to the float32 run, and say
+    dtype int8 in their metadata."""
+    from vitembed.runtime import Int8Linear, int8_works
+
+    if not int8_works():
+        pytest.skip("this torch has no quantized engine")
+    src = _folder(tmp_path / "in", good=2)
+    ref = run_cli("encode", str(src), "--out", str(tmp_path / "fp32"), "--weights", str(small_ckpt))
+    q = run_cli("encode", str(src), "--out", str(tmp_path / "int8"), "--weights", str(small_ckpt), "--dtype", "int8")
+    assert ref.returncode == 0 and q.returncode == 0, q.stderr.decode()
+    with safe_open(str(tmp_path / "int8" / "img00.jpg.safetensors"), "numpy") as f:
+        assert f.metadata()["dtype"] == "int8" and f.metadata()["save_dtype"] == "float32"
+    a = load_file(tmp_path / "fp32" / "img00.jpg.safetensors")["embedding"]
+    b = load_file(tmp_path / "int8" / "img00.jpg.safetensors")["embedding"]
+    assert b.dtype == np.float32 and b.shape == a.shape
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cos.mean() > 0.999 and not np.array_equal(a, b)
+
+    encoder = _encoder(small_ckpt, dtype="int8")
+    block = encoder.model.blocks[0]
+    assert all(isinstance(m, Int8Linear) for m in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2))
+    assert encoder.model.patch_embed.proj.weight.dtype == torch.float32 and encoder.packed
+    # resuming with another --dtype is a settings conflict, not a mix
+    again = run_cli("encode", str(src), "--out", str(tmp_path / "int8"), "--weights", str(small_ckpt))
+    assert again.returncode == 2 and "dtype: 'int8' there, 'float32' now" in again.stderr.decode()
+
+
+def test_int8_linear_matches_integer_arithmetic():
+    """Int8Linear computes what its recipe says: per-channel symmetric int8 weights, the input
+    quantised to uint8 with one scale and zero point from its min and max, int32 products."""
+    from vitembed.runtime import Int8Linear, int8_works
+
+    if not int8_works():
+        pytest.skip("this torch has no quantized engine")
+    g = torch.Generator().manual_seed(1)
+    weight, bias, x = torch.randn(24, 40, generator=g), torch.randn(24, generator=g), torch.randn(2, 5, 40, generator=g)
+    w_scale = weight.abs().amax(1) / 127
+    w_int = torch.round(weight / w_scale[:, None]).clamp(-127, 127)
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    x_scale = (hi - lo) / 255
+    zero = round(-lo / x_scale)
+    x_int = torch.clamp(torch.round(x / x_scale) + zero, 0, 255)
+    expected = ((x_int - zero) @ w_int.T) * (x_scale * w_scale) + bias  # (2, 5, 24)
+    y = Int8Linear(weight, bias)(x)
+    assert y.shape == (2, 5, 24) and y.dtype == torch.float32
+    assert torch.allclose(y, expected, atol=2e-2 * x_scale * w_scale.max().item() * 40 + 1e-4)
+    assert (y - x @ weight.T - bias).abs().max() > 0  # it did quantise
+
+
+def test_int8_is_refused_off_the_cpu_and_warns_without_vnni(monkeypatch):
+    from vitembed import runtime
+    from vitembed.errors import UsageError
+
+    with pytest.raises(UsageError, match="--dtype int8 runs on the CPU"):
+        runtime.resolve_dtype("int8", torch.device("meta"))
+    monkeypatch.setattr(runtime, "fast_int8_instructions", lambda: None)
+    if runtime.int8_works():
+        with pytest.warns(Warning, match="without int8 dot-product instructions"):
+            assert runtime.resolve_dtype("int8", torch.device("cpu")) == "int8"
+
+
+def test_int8_instructions_from_cpu_flags(tmp_path):
+    from vitembed.runtime import fast_int8_instructions
+
+    for flags, expected in (("fpu avx2 avx512_vnni amx_int8", "AMX-INT8"), ("avx2 avx512_vnni", "AVX512-VNNI"),
+                            ("avx2 avx_vnni", "AVX-VNNI"), ("avx2 fma", None)):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert fast_int8_instructions(str(info)) == expected
+    assert fast_int8_instructions(str(tmp_path / "none")) is None

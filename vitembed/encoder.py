@@ -23,7 +23,7 @@ from .errors import InputError, UsageError, VitembedWarning, warn
 from .families import family_of
 from .options import EncodingOptions, ModelOptions, split_fields
 from .preprocess import PatchBatch, collate_patches, load_pixels, normalize, normalize_patches, normalize_stats, resize
-from .runtime import TORCH_DTYPES, pack_for_cpu, resolve_device, resolve_dtype, usable_cores, will_pack
+from .runtime import TORCH_DTYPES, compute_dtype, pack_for_cpu, quantize_for_cpu, resolve_device, resolve_dtype, usable_cores, will_pack
 from .weights import ResolvedWeights, build_model, resolve_weights
 
 
@@ -81,7 +81,7 @@ class Encoder:
         family_of(cfg).check_pool(cfg, self.encoding.pool, self.encoding.layer)
         self.device = resolve_device(opts.device)
         self.dtype_name = resolve_dtype(opts.dtype, self.device)
-        self.dtype, self.save_dtype = TORCH_DTYPES[self.dtype_name], TORCH_DTYPES[self.encoding.save_dtype]
+        self.dtype, self.save_dtype = compute_dtype(self.dtype_name), TORCH_DTYPES[self.encoding.save_dtype]
         self.family = family_of(cfg)
         # A checkpoint with an architecture of its own is not the catalog model: say where it came from.
         theirs = spec.config()
@@ -91,6 +91,9 @@ class Encoder:
         self.naflex = cfg.naflex
         if opts.compile and self.naflex:
             warn("--compile: NaFlex batches change shape with every batch; running eager")
+        elif opts.compile and self.dtype_name == "int8":
+            warn("--compile: --dtype int8 runs its oneDNN int8 linears eager; running eager")
+        self._eager = self.naflex or self.dtype_name == "int8"  # --compile does not apply
         self._model: torch.nn.Module | None = None
         self._compiled, self._compiled_rows, self._packed = None, 0, False
         if not defer_model:
@@ -109,12 +112,16 @@ class Encoder:
         if self._model is not None:
             return
         model = build_model(self.weights).to(device=self.device, dtype=self.dtype).eval()
-        if self.options.compile and not self.naflex:
+        if self.options.compile and not self._eager:
             # On the CPU, Inductor's freezing packs the weights for oneDNN, as pack_for_cpu does for eager.
             self._compiled = torch.compile(model, options={"freezing": True} if self.device.type == "cpu" else None)
         else:
-            self._packed = pack_for_cpu(model)
+            self._packed = self._pack(model)
         self._model = model
+
+    def _pack(self, model: torch.nn.Module) -> bool:
+        """The CPU kernels for this dtype: int8 linears (``--dtype int8``), else packed float32 ones."""
+        return quantize_for_cpu(model) if self.dtype_name == "int8" else pack_for_cpu(model)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -127,7 +134,7 @@ class Encoder:
     def packed(self) -> bool:
         """Whether the block linears run as oneDNN packed linears (before ``build``: whether they will)."""
         if self._model is None:
-            return (not self.options.compile or self.naflex) and will_pack(self.device, self.dtype)
+            return (not self.options.compile or self._eager) and (self.dtype_name == "int8" or will_pack(self.device, self.dtype))
         return self._packed
 
     def __repr__(self) -> str:
@@ -157,7 +164,7 @@ class Encoder:
         """Whether the model runs through ``torch.compile`` (False again after a fallback to eager;
         before ``build``, whether it will)."""
         if self._model is None:
-            return self.options.compile and not self.naflex
+            return self.options.compile and not self._eager
         return self._compiled is not None
 
     @property
@@ -349,7 +356,7 @@ class Encoder:
                     stacklevel=3,
                 )
                 self._compiled = None
-                self._packed = pack_for_cpu(self.model)
+                self._packed = self._pack(self.model)
         return self.model(x, layers=(self.layer,))[self.layer][:rows]
 
 

@@ -22,7 +22,7 @@ from .catalog import CATALOG, DEFAULT_MODEL, get_model_spec
 from .errors import UsageError
 from .families import POOLS
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # compute precision
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")  # compute precision
 SAVE_DTYPES = ("float32", "bfloat16", "float16")  # precision of the saved embeddings
 FORMATS = ("safetensors", "npy")
 ENGINES = ("local", "ray")  # engines/: threads here, or a Ray cluster
@@ -79,7 +79,7 @@ class ModelOptions:
             ``config.INTERPOLATIONS`` and its bounds); ``mean``/``std`` also as ``"R,G,B"`` text.
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps`` (checked when the encoder is built).
         dtype: compute precision, one of ``DTYPES`` (``auto``: bfloat16 on CUDA that supports it,
-            float32 elsewhere).
+            float32 elsewhere; ``int8``: the block linears in int8 on the CPU, ``runtime.Int8Linear``).
         compile: run the model through ``torch.compile`` (eager, with a warning, if that fails).
 
     Raises:

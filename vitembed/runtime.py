@@ -2,6 +2,7 @@
 
     resolve_device / resolve_dtype   ``--device`` and ``--dtype`` names -> what torch runs on
     pack_for_cpu (PackedLinear)      float32 linears through oneDNN with weights packed once
+    quantize_for_cpu (Int8Linear)    ``--dtype int8``: int8 block linears through oneDNN
     model_layout                     model threads x torch threads each, for a batch run
 
 ``model.py`` is the architecture only; this module is everything about running it fast.
@@ -9,7 +10,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 import warnings
 
 import torch
@@ -20,6 +23,12 @@ from .errors import DeviceError, UsageError, VitembedWarning
 from .options import SAVE_DTYPES
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in SAVE_DTYPES}  # float32, bfloat16, float16
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """The torch dtype the model's tensors have for ``--dtype name`` (a resolved name, not
+    ``auto``): int8 models keep float32 activations and parameters outside their int8 linears."""
+    return torch.float32 if name == "int8" else TORCH_DTYPES[name]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -61,9 +70,25 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     the CPU, bfloat16 is only fast with AVX512-BF16 or AMX, and even then it
     rounds: float32 is the exact default). Other names pass through. On a CPU
     without matrix instructions for the dtype, warns (``VitembedWarning``) that it is slow.
+
+    Raises:
+        UsageError: ``int8`` on a device other than the CPU, or with a torch without a
+            quantized engine.
     """
     if name == "auto":
         name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if name == "int8":
+        if device.type != "cpu":
+            raise UsageError(f"--dtype int8 runs on the CPU (oneDNN's int8 linears); on {device.type} use "
+                             "--dtype bfloat16 or float16")
+        if not int8_works():
+            raise UsageError(f"--dtype int8: this torch ({torch.__version__}) has no oneDNN or FBGEMM "
+                             "quantized engine; use --dtype float32 or bfloat16")
+        if fast_int8_instructions() is None:
+            warnings.warn("--dtype int8 on a CPU without int8 dot-product instructions (AVX512-VNNI, "
+                          "AVX-VNNI or AMX-INT8): it may run no faster than float32 here",
+                          VitembedWarning, stacklevel=3)
+        return name
     if device.type == "cpu" and not _cpu_has_fast(TORCH_DTYPES[name]):
         needs = "AVX512-BF16 or AMX" if name == "bfloat16" else "AMX-FP16"
         warnings.warn(
@@ -87,17 +112,32 @@ def _cpu_has_fast(dtype: torch.dtype) -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is no such file: not Linux)."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
 def fast_bf16_instructions(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     """The bfloat16 matrix instructions this CPU has, by its ``/proc/cpuinfo`` flags: ``AMX-BF16``,
     ``AVX512-BF16``, or None (none, or no such file: not Linux). On such CPUs oneDNN runs
     bfloat16 linears faster than float32: ViT-B/16 end to end 1.5-1.7x with AVX512-BF16, 3.6x
     with AMX (README, Speed and memory)."""
-    try:
-        with open(cpuinfo, encoding="ascii", errors="replace") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return None
+    flags = cpu_flags(cpuinfo)
     return "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+
+
+def fast_int8_instructions(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The int8 dot-product instructions this CPU has, by its ``/proc/cpuinfo`` flags:
+    ``AMX-INT8``, ``AVX512-VNNI``, ``AVX-VNNI``, or None (none, or not Linux)."""
+    flags = cpu_flags(cpuinfo)
+    for flag, name in (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI")):
+        if flag in flags:
+            return name
+    return None
 
 
 def usable_cores() -> int:
@@ -197,4 +237,87 @@ def pack_for_cpu(model: nn.Module) -> bool:
             else:
                 block.mlp.fc1 = packed(block.mlp.fc1)
             block.mlp.fc2 = packed(block.mlp.fc2)
+    return True
+
+
+# torch keeps the quantized engine in one process-wide switch, read when a weight is packed:
+# it is set only around packing, under this lock.
+_ENGINE_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def _int8_engine() -> str | None:
+    """The quantized engine ``Int8Linear`` packs for: oneDNN where torch has it (it runs
+    VNNI and AMX-INT8 kernels), else FBGEMM (x86), else None."""
+    engines = torch.backends.quantized.supported_engines
+    return next((e for e in ("onednn", "x86", "fbgemm") if e in engines), None)
+
+
+class Int8Linear(nn.Module):
+    """Inference-only ``nn.Linear`` with int8 weights and dynamically quantised activations.
+
+    (..., in) float32 -> (..., out) float32. The weight is quantised once, symmetric per output
+    channel (int8, scale = max |w| / 127 of its row); each call quantises its input to uint8 with
+    one scale and zero point from the batch's own min and max (dynamic quantisation), multiplies
+    in int8 with int32 accumulation, and rescales to float32 with the bias added: torch's
+    ``quantized::linear_dynamic`` on weights packed for oneDNN (``_int8_engine``), as
+    ``torch.ao.quantization.quantize_dynamic`` runs it. Rounding makes results differ from
+    ``F.linear`` by about 1% of a value's scale; ViT-B/16's last hidden state keeps a mean cosine
+    above 0.999 to float32 (``bench/bench.py`` measures it). Built by ``quantize_for_cpu``.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features = weight.shape[0]  # weight: (out, in), as nn.Linear's
+        w = weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny).double()  # (out,)
+        zero = torch.zeros(len(scale), dtype=torch.int64)
+        with _ENGINE_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notice that quantized tensor types are deprecated
+            previous = torch.backends.quantized.engine
+            torch.backends.quantized.engine = _int8_engine()
+            try:
+                qweight = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
+                self.packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
+            finally:
+                torch.backends.quantized.engine = previous
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]), self.packed, False)  # reduce_range off
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+@functools.lru_cache(maxsize=1)
+def int8_works() -> bool:
+    """Whether ``Int8Linear`` runs here and stays within int8 rounding of ``F.linear`` (checked once
+    on a small case)."""
+    if _int8_engine() is None:
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        linear = nn.Linear(64, 96)
+        x = torch.randn(7, 64, generator=g)
+        with torch.no_grad():
+            ref, y = linear(x), Int8Linear(linear.weight, linear.bias)(x)
+        return bool((y - ref).abs().max() < 0.05 * ref.abs().max())
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def quantize_for_cpu(model: nn.Module) -> bool:
+    """Swap the block linears of a float32 CPU model for ``Int8Linear`` (``--dtype int8``), in place.
+
+    In every block: qkv, proj, fc1 and fc2, which hold about 98% of ViT-B/16's multiply-adds; the
+    patch embedding, LayerNorms, attention itself, heads and pooling stay float32. Returns False,
+    leaving the model as it is, when int8 does not run here (``int8_works``). The model's state
+    dict is not usable afterwards.
+    """
+    if not int8_works():
+        return False
+    with torch.no_grad():
+        for block in model.blocks:
+            for owner, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
+                linear = getattr(owner, name)
+                setattr(owner, name, Int8Linear(linear.weight, linear.bias))
     return True

@@ -36,7 +36,9 @@ FormatOpt = Annotated[str, _opt("File format: safetensors (tensor + metadata) or
 BatchSize = Annotated[int, _opt("Images per model call.", metavar="N", default_shown=True)]
 Device = Annotated[str, _opt("auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; a device named but absent "
                              "is an error.", metavar="DEVICE", default_shown=True)]
-DTypeOpt = Annotated[str, _opt("Compute precision; auto: bfloat16 on CUDA devices that support it, float32 elsewhere.",
+DTypeOpt = Annotated[str, _opt("Compute precision; auto: bfloat16 on CUDA devices that support it, float32 elsewhere; "
+                               "int8 (CPU): the block linears with int8 weights and activations, for CPUs with VNNI or "
+                               "AMX (outputs are still saved as --save-dtype).",
                                  metavar=DTYPE, default_shown=True)]
 SaveDTypeOpt = Annotated[str, _opt("Precision of the saved embeddings (float16 and bfloat16 halve the disk).",
                                          metavar=SAVE_DTYPE, default_shown=True)]
