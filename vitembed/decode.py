@@ -17,7 +17,7 @@ import os
 import re
 import stat
 import threading
-
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,11 +60,16 @@ class DecodeOptions:
             process-wide (``ImageFile.LOAD_TRUNCATED_IMAGES``): vitembed sets it
             before each image, so runs in one process with different settings
             must not decode at the same time.
+        fast: reduced decoding (``--fast-decode``): a JPEG is decoded at 1/2, 1/4 or 1/8 scale
+            (libjpeg's DCT scaling, Pillow's ``Image.draft``) where the caller's ``min_side`` allows,
+            and the resize first reduces by whole factors (Pillow's ``reducing_gap``). Not exact:
+            the embeddings move slightly (README, Speed, gives the cosines).
     """
 
     max_pixels: int | None = None
     background: tuple[int, int, int] = WHITE
     allow_truncated: bool = False
+    fast: bool = False
 
 
 # Pillow modes holding 16 (or 32) bit integers; values are scaled 65535 -> 255 (mode I only when
@@ -88,7 +93,12 @@ def _lift_pillow_limit(limit: int) -> None:
             Image.MAX_IMAGE_PIXELS = -(-limit // 2)
 
 
-def open_image(path: str | os.PathLike | TarMember, max_pixels: int | None = None, allow_truncated: bool = False) -> Image.Image:
+def open_image(
+    path: str | os.PathLike | TarMember,
+    max_pixels: int | None = None,
+    allow_truncated: bool = False,
+    min_side: Callable[[int, int], int] | None = None,
+) -> Image.Image:
     """Open ``path`` and decode its first frame, in the file's own mode, upright.
 
     Args:
@@ -103,6 +113,11 @@ def open_image(path: str | os.PathLike | TarMember, max_pixels: int | None = Non
             vitembed does not suppress it itself, since ``warnings.catch_warnings``
             is not thread-safe.
         allow_truncated: see ``DecodeOptions``.
+        min_side: reduced decoding (``DecodeOptions.fast``): given the stored (width, height), the
+            shorter side, in pixels, that the caller will resize the image to. A JPEG is then
+            decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose shorter side stays at least
+            twice that, so the final resize still filters over two or more source pixels. Other
+            formats decode in full. None: always in full (exact).
 
     Returns:
         A loaded PIL image with the EXIF orientation applied. A corrupt EXIF
@@ -135,6 +150,9 @@ def open_image(path: str | os.PathLike | TarMember, max_pixels: int | None = Non
     try:
         with Image.open(source) as im:
             check_size(name, im.width, im.height, limit)
+            if min_side is not None:  # Image.draft acts on JPEG (and MPO) only; it keeps both sides >= the size asked
+                side = 2 * min_side(im.width, im.height)
+                im.draft(None, (side, side))
             im.load()
             image = im
     except InputError:
@@ -320,13 +338,19 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
     return image.convert("RGB")
 
 
-def decode_image(path: str | os.PathLike | TarMember, options: DecodeOptions = DecodeOptions()) -> Image.Image:
-    """File -> upright 8-bit RGB PIL image (``open_image`` then ``to_rgb``).
+def decode_image(
+    path: str | os.PathLike | TarMember,
+    options: DecodeOptions = DecodeOptions(),
+    min_side: Callable[[int, int], int] | None = None,
+) -> Image.Image:
+    """File -> upright 8-bit RGB PIL image (``open_image`` then ``to_rgb``); ``min_side`` as
+    ``open_image`` takes it, used only with ``options.fast``.
 
     Raises:
         InputError: see ``open_image`` and ``to_rgb``.
     """
-    image = open_image(path, max_pixels=options.max_pixels, allow_truncated=options.allow_truncated)
+    image = open_image(path, max_pixels=options.max_pixels, allow_truncated=options.allow_truncated,
+                       min_side=min_side if options.fast else None)
     try:
         return to_rgb(image, options.background)
     except InputError as e:

@@ -22,7 +22,8 @@ from .config import layer_index
 from .errors import InputError, UsageError, VitembedWarning, warn
 from .families import family_of
 from .options import EncodingOptions, ModelOptions, split_fields
-from .preprocess import PatchBatch, collate_patches, load_pixels, normalize, normalize_patches, normalize_stats, resize
+from .preprocess import (FAST_REDUCING_GAP, PatchBatch, collate_patches, load_pixels, normalize, normalize_patches,
+                         normalize_stats, resize)
 from .runtime import TORCH_DTYPES, compute_dtype, pack_for_cpu, quantize_for_cpu, resolve_device, resolve_dtype, usable_cores, will_pack
 from .weights import ResolvedWeights, build_model, resolve_weights
 
@@ -215,7 +216,8 @@ class Encoder:
 
         if isinstance(image, Image.Image):
             check_size("<image>", image.width, image.height, decode.max_pixels)
-            return resize(to_rgb(upright(image), decode.background), pre)
+            return resize(to_rgb(upright(image), decode.background), pre,
+                          reducing_gap=FAST_REDUCING_GAP if decode.fast else None)
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                 raise InputError("<array>", "unsupported", f"array of shape {image.shape} and dtype {image.dtype}; "

@@ -95,11 +95,11 @@ METADATA_ORDER = (
     "random_weights", "layer", "pool", "normalize", "tokens", "hidden_size", "depth", "num_heads", "mlp_dim", "mlp",
     "layer_norm_eps", "act", "prefix_tokens", "grid", "patch_size", "pos_embed", "image_size", "resize", "resize_size",
     "resize_backend", "max_num_patches", "crop", "crop_rounding", "crop_pct", "interpolation", "mean", "std", "dtype",
-    "save_dtype", "compile", "background", "allow_truncated",
+    "save_dtype", "compile", "background", "allow_truncated", "fast_decode",
 )
 NUMBER_KEYS = {"rows", "row", "tokens", "hidden_size", "depth", "num_heads", "mlp_dim", "layer_norm_eps", "prefix_tokens",
                "patch_size", "image_size", "resize_size", "max_num_patches", "crop_pct"}
-FLAG_KEYS = {"random_weights", "crop", "compile", "allow_truncated", "normalize"}
+FLAG_KEYS = {"random_weights", "crop", "compile", "allow_truncated", "normalize", "fast_decode"}
 
 
 def typed_metadata(metadata: dict[str, str]) -> dict[str, Any]:

@@ -149,6 +149,8 @@ class EncodingOptions:
         background: RGB (0..255 each, or ``"R,G,B"``) that transparent pixels are composited onto.
         allow_truncated: decode truncated files (the missing part grey) instead of refusing them.
         max_pixels: refuse images with more pixels than this (None: ``decode.DEFAULT_MAX_PIXELS``).
+        fast_decode: reduced JPEG decoding and resizing (``decode.DecodeOptions.fast``): several
+            times faster on large photos, not exact; recorded in the metadata.
 
     Raises:
         UsageError: a value outside its allowed set, naming the option.
@@ -161,6 +163,7 @@ class EncodingOptions:
     background: tuple[int, int, int] = (255, 255, 255)
     allow_truncated: bool = False
     max_pixels: int | None = None
+    fast_decode: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, int) and not isinstance(self.layer, bool):
@@ -170,6 +173,7 @@ class EncodingOptions:
         if self.layer.isdigit() and self.layer.isascii():
             object.__setattr__(self, "layer", str(int(self.layer)))  # "06" is block 6, recorded as "6"
         _flag(self.allow_truncated, "--allow-truncated")
+        _flag(self.fast_decode, "--fast-decode")
         _choice(self.pool, POOLS, "--pool")
         _flag(self.normalize, "--normalize")
         if self.normalize and self.pool in ("none", "patch"):
@@ -190,7 +194,8 @@ class EncodingOptions:
         """These options as ``decode.DecodeOptions``."""
         from .decode import DecodeOptions
 
-        return DecodeOptions(max_pixels=self.max_pixels, background=self.background, allow_truncated=self.allow_truncated)
+        return DecodeOptions(max_pixels=self.max_pixels, background=self.background, allow_truncated=self.allow_truncated,
+                             fast=self.fast_decode)
 
 
 @dataclass(frozen=True)

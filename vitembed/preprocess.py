@@ -40,7 +40,12 @@ _RESAMPLE = {
 MAX_INTERMEDIATE_RATIO = 16
 
 
-def resize(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+# --fast-decode: Pillow reduces by whole factors (box averaging) before resampling, down to no less
+# than this many times the output size (Image.resize's reducing_gap).
+FAST_REDUCING_GAP = 2.0
+
+
+def resize(image: Image.Image, cfg: PreprocessConfig, reducing_gap: float | None = None) -> np.ndarray:
     """RGB PIL image -> (S, S, 3) uint8 array, S = ``cfg.image_size`` (float32 in [0, 1] with
     ``cfg.backend == "torch"``: ``resize_float``).
 
@@ -58,13 +63,16 @@ def resize(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     bit for bit. A squash without crop needs no box: its output is R x R, and
     Pillow resamples a thin strip without a strip-sized intermediate (the tests
     check 1x30000 both ways).
+
+    ``reducing_gap`` (``--fast-decode``: ``FAST_REDUCING_GAP``) is Pillow's: reduce by a whole
+    factor first, keeping at least that many times the output size, then resample; None: exact.
     """
     target = cfg.resize_to
     width, height = image.size
     if cfg.resize == "naflex":  # its own grid: (h * P, w * P, 3)
         rows, columns = naflex_size(height, width, cfg.patch_size, cfg.max_num_patches)
         if (columns, rows) != image.size:
-            image = image.resize((columns, rows), resample=_RESAMPLE[cfg.interpolation], reducing_gap=None)
+            image = image.resize((columns, rows), resample=_RESAMPLE[cfg.interpolation], reducing_gap=reducing_gap)
         return np.array(image, dtype=np.uint8)
     if cfg.resize == "squash":
         size = (target, target)
@@ -87,10 +95,18 @@ def resize(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
             )
             return np.array(_resize_box(image, s, box, cfg.interpolation, size), dtype=np.uint8)
     if image.size != size:
-        image = image.resize(size, resample=resample, reducing_gap=None)
+        image = image.resize(size, resample=resample, reducing_gap=reducing_gap)
     if cfg.crop:
         image = image.crop((left, top, left + s, top + s))
     return np.array(image, dtype=np.uint8)  # a writable copy, safe to hand to torch
+
+
+def shorter_side(cfg: PreprocessConfig, width: int, height: int) -> int:
+    """The shorter side, in pixels, that ``resize`` gives an image of ``width`` x ``height``
+    before any crop: ``cfg.resize_to`` for squash and shortest, the NaFlex grid's shorter side."""
+    if cfg.resize == "naflex":
+        return min(naflex_size(height, width, cfg.patch_size, cfg.max_num_patches))
+    return cfg.resize_to
 
 
 def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int) -> tuple[int, int]:
@@ -270,8 +286,8 @@ def load_pixels(path: str | os.PathLike | TarMember, cfg: PreprocessConfig, opti
     name = source_name(path)
     image = None
     try:
-        image = decode_image(path, options)
-        return resize(image, cfg)
+        image = decode_image(path, options, min_side=functools.partial(shorter_side, cfg))
+        return resize(image, cfg, reducing_gap=FAST_REDUCING_GAP if options.fast else None)
     except MemoryError:
         size = image.size if image is not None else _header_size(path)
         image = None  # not kept alive by the traceback while the caller handles the error

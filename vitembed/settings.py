@@ -69,6 +69,8 @@ def encoder_metadata(encoder: Any) -> dict[str, str]:
         meta["resize_backend"] = pre.backend
     if enc.normalize:
         meta["normalize"] = "l2"
+    if enc.fast_decode:  # reduced JPEG decoding: a setting (compared on resume), absent when exact
+        meta["fast_decode"] = "true"
     if w.random:
         meta["seed"] = str(w.seed)
     if w.overrides:
