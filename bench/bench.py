@@ -12,7 +12,8 @@ that its peak RSS is its own. Sections (``--cases``):
               transformers ViTModel (SDPA) float32, vitembed float32 / bfloat16 / int8, and with
               --peers ONNX Runtime float32 / dynamic int8, OpenVINO float32 / bfloat16
               (bench/peers.py, the ONNX model exported from the same transformers model);
-              cosine per token to transformers float32 on the same batch
+              cosine per token to transformers float32 on the same batch; a bare matmul of the
+              model's MLP shape in float32 (and bfloat16), the ceiling any engine can reach here
     e2e       end to end, files to outputs: transformers (ViTImageProcessor PIL + ViTModel, batch 16,
               one safetensors file per image: the usual way), vitembed float32 / bfloat16 / int8,
               --layer embeddings (the stem only), decode + resize alone; with --peers the peers too
@@ -265,6 +266,12 @@ def main() -> None:
             report.run(f"ms vitembed {dtype}", {**base, "case": "ms-vitembed", "dtype": dtype, "out": out(f"ms-{dtype}")}, args)
         for name in peer_names:
             report.run(f"ms {name}", {**base, "case": "ms-peer", "engine": name, "out": out(f"ms-{name}")}, args)
+        for dtype in ("float32", "bfloat16") if fast_bf16() else ("float32",):
+            r = report.run(f"bare matmul {dtype}", {**base, "case": "matmul-peak", "dtype": dtype, "out": out("mm")}, args)
+            if r:  # the ceiling: every FLOP of the model at the rate of its largest matmul
+                r["images_per_s"] = r["gflops"] / VIT_B16_GFLOPS
+                print(f"    {r['gflops']:.0f} GFLOP/s on (B*197, 768) @ (768, 3072) = at most {r['images_per_s']:.2f} "
+                      f"images/s at {VIT_B16_GFLOPS} GFLOP per image")
     if "e2e" in sections:
         print("\nend to end (files to outputs):")
         report.run("e2e transformers fp32", {**base, "case": "e2e-transformers", "out": out("e2e-transformers")}, args)
@@ -334,11 +341,16 @@ def main() -> None:
     rep.ratio("bf16 end to end / bf16 model stage", "e2e vitembed bfloat16", "ms vitembed bfloat16", 0.9)
     rep.ratio("fp32 end to end / fp32 model stage", "e2e vitembed float32", "ms vitembed float32")
     rep.ratio("ms vitembed fp32 / transformers fp32", "ms vitembed float32", "ms transformers fp32")
+    rep.ratio("ms transformers fp32 / fp32 matmul ceiling", "ms transformers fp32", "bare matmul float32")
+    rep.ratio("ms vitembed fp32 / fp32 matmul ceiling", "ms vitembed float32", "bare matmul float32")
+    rep.ratio("ms vitembed bf16 / bf16 matmul ceiling", "ms vitembed bfloat16", "bare matmul bfloat16")
     rep.ratio("ms vitembed int8 / ort-int8", "ms vitembed int8", "ms ort-int8", 1.1)
     rep.ratio("ms vitembed int8 / vitembed fp32", "ms vitembed int8", "ms vitembed float32")
     rep.ratio("ms vitembed int8 / vitembed bf16", "ms vitembed int8", "ms vitembed bfloat16")
-    for name in peer_names:
-        rep.ratio(f"ms vitembed fp32 / {name}", "ms vitembed float32", f"ms {name}")
+    for name in peer_names:  # each peer against vitembed at the same precision
+        dtype = PEER_DTYPES[name.split("-")[1]]
+        rep.ratio(f"ms vitembed {dtype} / {name}", f"ms vitembed {dtype}", f"ms {name}")
+        rep.ratio(f"e2e vitembed {dtype} / {name}", f"e2e vitembed {dtype}", f"e2e {name}")
     rep.ratio("e2e --layer embeddings / decode+resize", "e2e vitembed embeddings", "decode + resize")
     rep.ratio("photo decode fast / exact", "photo decode fast", "photo decode exact")
     rep.ratio("photo embeddings fast / exact", "photo embeddings fast", "photo embeddings exact", 2.5)
@@ -387,6 +399,10 @@ def main() -> None:
     print(f"{sum(1 for g in rep.goals if g[1])} of {len(rep.goals)} goals met")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+
+
+VIT_B16_GFLOPS = 35.1  # per 224x224 image: 12 blocks of qkv, attention, proj, MLP, and the patch embedding
+PEER_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}  # bench/peers.py name suffix -> --dtype
 
 
 def fast_bf16() -> str | None:

@@ -223,9 +223,24 @@ def load_memory(spec: dict) -> dict:
             "model_mb": num_parameters(encoder.weights.config) * 4 / 2**20}
 
 
+def matmul_peak(spec: dict) -> dict:
+    """The rate a bare matmul of ViT-B/16's MLP shape reaches here, as images/s at the model's
+    FLOPs per image: (B*197, 768) @ (768, 3072) in ``spec["dtype"]``, the ceiling of any engine."""
+    import torch
+
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    rows = spec["batch"] * 197
+    a, b = torch.randn(rows, 768).to(dtype), torch.randn(768, 3072).to(dtype)
+    calls = 20
+    seconds, _ = _timed(lambda: torch.mm(a, b), calls)
+    flops = 2 * rows * 768 * 3072 * calls
+    return {"images": 0, "seconds": seconds, "gflops": flops / seconds / 1e9}
+
+
 CASES = {"ms-vitembed": ms_vitembed, "ms-transformers": ms_transformers, "ms-peer": ms_peer,
          "e2e-transformers": e2e_transformers, "e2e-vitembed": e2e_vitembed, "e2e-peer": e2e_peer,
-         "decode": decode, "load-memory": load_memory}
+         "decode": decode, "load-memory": load_memory,
+         "matmul-peak": matmul_peak}
 
 
 def run_child(spec: dict) -> None:
