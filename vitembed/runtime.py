@@ -305,19 +305,42 @@ def int8_works() -> bool:
         return False
 
 
+def smooth_into_linear(norm: nn.LayerNorm, weight: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """Move per-channel scale from a LayerNorm's output into the linear it feeds, in place on
+    ``norm``; returns the linear's new (out, in) weight. The product is unchanged in exact
+    arithmetic: LN(x) / s through ``weight * s``.
+
+    SmoothQuant (Xiao et al. 2023, Eq. 4), data-free: the channel's activation range is taken as
+    ``|gamma| + |beta|`` of the LayerNorm (a normalised input is about unit-scale; the affine makes
+    the outlier channels, as Outlier Suppression's gamma migration observes, Wei et al. 2022), so
+    s_c = range_c ** alpha / max|W[:, c]| ** (1 - alpha). A few channels scaled up by the LayerNorm
+    otherwise set the one activation scale of the whole input and leave the rest a few int8 steps.
+    """
+    w = weight.detach().float()
+    act = norm.weight.detach().abs() + (norm.bias.detach().abs() if norm.bias is not None else 0)
+    s = (act.clamp_min(1e-5) ** alpha / w.abs().amax(dim=0).clamp_min(1e-8) ** (1 - alpha)).clamp_min(1e-5)  # (in,)
+    norm.weight.div_(s)
+    if norm.bias is not None:
+        norm.bias.div_(s)
+    return w * s
+
+
 def quantize_for_cpu(model: nn.Module) -> bool:
     """Swap the block linears of a float32 CPU model for ``Int8Linear`` (``--dtype int8``), in place.
 
     In every block: qkv, proj, fc1 and fc2, which hold about 98% of ViT-B/16's multiply-adds; the
-    patch embedding, LayerNorms, attention itself, heads and pooling stay float32. Returns False,
-    leaving the model as it is, when int8 does not run here (``int8_works``). The model's state
-    dict is not usable afterwards.
+    patch embedding, LayerNorms, attention itself, heads and pooling stay float32. qkv and fc1 take
+    their LayerNorm's per-channel scale first (``smooth_into_linear``). Returns False, leaving the
+    model as it is, when int8 does not run here (``int8_works``). The model's state dict is not
+    usable afterwards.
     """
     if not int8_works():
         return False
     with torch.no_grad():
         for block in model.blocks:
-            for owner, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
+            for norm, owner, name in ((block.norm1, block.attn, "qkv"), (None, block.attn, "proj"),
+                                      (block.norm2, block.mlp, "fc1"), (None, block.mlp, "fc2")):
                 linear = getattr(owner, name)
-                setattr(owner, name, Int8Linear(linear.weight, linear.bias))
+                weight = linear.weight if norm is None else smooth_into_linear(norm, linear.weight)
+                setattr(owner, name, Int8Linear(weight, linear.bias))
     return True
