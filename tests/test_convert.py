@@ -17,7 +17,7 @@ from vitembed.errors import CheckpointError
 from vitembed.model import VisionTransformer
 from vitembed.weights import build_model, resolve_weights
 
-from .conftest import SMALL, save_vit
+from .conftest import SMALL, run_cli, save_vit
 
 SPEC = get_model_spec("vit-base-patch16-224-in21k")
 SMALL_CFG = ViTConfig.from_transformers({**SMALL, "model_type": "vit"})
@@ -79,6 +79,23 @@ def test_missing_key_is_named(small_ckpt):
     del sd["blocks.2.mlp.fc2.bias"]
     with pytest.raises(CheckpointError, match=r"missing key 'blocks.2.mlp.fc2.bias'"):
         load_converted(VisionTransformer(SMALL_CFG), sd, "x.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool])
+def test_integer_or_bool_tensor_is_a_checkpoint_error_naming_key_and_dtype(tmp_path, small_ckpt, dtype):
+    """The breaking pass's input: one weight saved as int32, int8 or bool crashed with a traceback
+    (torch refused it as a parameter) and exit 1; it is a setup error (exit 2) naming the key."""
+    ckpt = tmp_path / "ints"
+    ckpt.mkdir()
+    shutil.copy(small_ckpt / "config.json", ckpt)
+    sd = load_file(small_ckpt / "model.safetensors")
+    sd["encoder.layer.0.intermediate.dense.weight"] = sd["encoder.layer.0.intermediate.dense.weight"].to(dtype)
+    save_file(sd, ckpt / "model.safetensors")
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: key 'blocks.0.mlp.fc1.weight' holds {name} values"):
+        build_model(resolve_weights(SPEC, ckpt))
+    r = run_cli("encode", str(small_ckpt / "config.json"), "--out", str(tmp_path / "out"), "--weights", str(ckpt))
+    assert r.returncode == 2 and "holds " + name in r.stderr.decode() and "Traceback" not in r.stderr.decode()
 
 
 def test_unknown_key_is_named(small_ckpt):

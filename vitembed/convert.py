@@ -181,12 +181,13 @@ def convert_state_dict(state_dict: Mapping[str, Any], source: str = "checkpoint"
 def check_converted(model: Any, state_dict: Mapping[str, Any], source: str = "checkpoint") -> None:
     """Check an already converted state dict against ``model``'s parameters, without loading it.
 
-    Every parameter of the model must be present with its exact shape and no
-    extra key may remain. Only shapes are read, so ``model`` may live on the
+    Every parameter of the model must be present with its exact shape and a floating-point
+    dtype, and no extra key may remain. Only shapes are read, so ``model`` may live on the
     ``meta`` device (built without memory).
 
     Raises:
-        CheckpointError: naming the first missing key, unexpected key or shape mismatch.
+        CheckpointError: naming the first missing key, unexpected key, shape mismatch or
+            integer / bool tensor.
     """
     expected = model.state_dict()
     for key, param in expected.items():
@@ -197,6 +198,10 @@ def check_converted(model: Any, state_dict: Mapping[str, Any], source: str = "ch
             raise CheckpointError(
                 f"{source}: key {key!r} has shape {list(got)}, the architecture expects {list(param.shape)}"
             )
+        value = state_dict[key]
+        if param.is_floating_point() and not (value.is_floating_point() and not value.is_complex()):
+            raise CheckpointError(f"{source}: key {key!r} holds {str(value.dtype).removeprefix('torch.')} values, "
+                                  "a floating-point tensor is expected")
     for key in state_dict:
         if key not in expected:
             raise CheckpointError(f"{source}: unexpected key {key!r} (the checkpoint does not fit this architecture)")
