@@ -98,6 +98,33 @@ def test_integer_or_bool_tensor_is_a_checkpoint_error_naming_key_and_dtype(tmp_p
     assert r.returncode == 2 and "holds " + name in r.stderr.decode() and "Traceback" not in r.stderr.decode()
 
 
+def test_sharded_checkpoint_loads_as_the_whole_one(tmp_path, small_ckpt):
+    """save_pretrained(max_shard_size=...) writes model.safetensors.index.json and shards; the
+    breaking pass found them refused ("has neither model.safetensors nor pytorch_model.bin")."""
+    sharded = tmp_path / "sharded"
+    ViTModel.from_pretrained(small_ckpt).save_pretrained(sharded, max_shard_size="40KB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert (sharded / "model.safetensors.index.json").is_file() and len(shards) > 1
+    whole, parts = resolve_weights(SPEC, small_ckpt), resolve_weights(SPEC, sharded)
+    assert parts.file == sharded / "model.safetensors.index.json" and len(parts.sha256) == 64
+    a, b = build_model(whole).state_dict(), build_model(parts).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    shards[-1].unlink()
+    with pytest.raises(CheckpointError, match=rf"model.safetensors.index.json: shard {shards[-1].name} is missing"):
+        resolve_weights(SPEC, sharded)
+
+
+def test_cut_torch_file_is_named_as_cut_not_as_unsafe(tmp_path, small_ckpt):
+    ckpt = tmp_path / "cut"
+    ckpt.mkdir()
+    shutil.copy(small_ckpt / "config.json", ckpt)
+    torch.save(load_file(small_ckpt / "model.safetensors"), ckpt / "pytorch_model.bin")
+    data = (ckpt / "pytorch_model.bin").read_bytes()
+    (ckpt / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot read checkpoint: not a complete torch file"):
+        build_model(resolve_weights(SPEC, ckpt))
+
+
 def test_unknown_key_is_named(small_ckpt):
     sd = load_file(small_ckpt / "model.safetensors")
     sd["encoder.layer.0.attention.attention.rope.weight"] = torch.zeros(1)

@@ -95,7 +95,7 @@ def test_cli_records_fast_decode_and_refuses_to_mix_it_on_resume(tmp_path, small
     cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
     assert cos.mean() > 0.99 and not np.array_equal(a, b)
     again = run_cli("encode", str(src), "--out", str(out), "--weights", str(small_ckpt))
-    assert again.returncode == 2 and "fast_decode: 'true' there, '<none>' now" in again.stderr.decode()
+    assert again.returncode == 2 and "fast_decode: 'true' there, 'false' now" in again.stderr.decode()
     inspect = run_cli("inspect", "--json", str(out / "big.jpg.safetensors"))
     assert b'"fast_decode": true' in inspect.stdout
 

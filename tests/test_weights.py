@@ -42,7 +42,7 @@ def test_random_only_when_asked(tmp_path):
         resolve_weights(SPEC, environ={"VITEMBED_WEIGHTS": str(tmp_path / "random")}, cwd=tmp_path)
 
 
-def _hf_cache(hf_home, repo: str, ckpt) -> None:  # noqa: D401
+def _hf_cache(hf_home, repo: str, ckpt, names=("config.json", "model.safetensors")) -> None:  # noqa: D401
     """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<rev>/...}."""
     base = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
     rev = "0123456789abcdef0123456789abcdef01234567"
@@ -50,7 +50,7 @@ def _hf_cache(hf_home, repo: str, ckpt) -> None:  # noqa: D401
     (base / "refs" / "main").write_text(rev)
     snap = base / "snapshots" / rev
     snap.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
+    for name in names:
         shutil.copy(ckpt / name, snap / name)
 
 
@@ -67,6 +67,29 @@ def test_hugging_face_cache_offline(tmp_path, small_ckpt):
         meta = f.metadata()
     assert meta["weights"] == f"hf://{SPEC.repo}"
     assert meta["weights_sha256"] == sha256_file(small_ckpt / "model.safetensors")
+
+
+def test_sharded_checkpoint_in_the_hugging_face_cache(tmp_path, small_ckpt):
+    from transformers import ViTModel
+
+    from vitembed.weights import checkpoint_sha256
+
+    sharded = tmp_path / "sharded"
+    ViTModel.from_pretrained(small_ckpt).save_pretrained(sharded, max_shard_size="40KB")
+    names = ["config.json", "model.safetensors.index.json"] + sorted(p.name for p in sharded.glob("model-*"))
+    _hf_cache(tmp_path / "hf", SPEC.repo, sharded, names)
+    photo(30, 30).save(tmp_path / "p.png")
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "VITEMBED_WEIGHTS": ""}
+    r = run_cli("encode", "p.png", "--out", "o", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr.decode()
+    with safe_open(str(tmp_path / "o" / "p.png.safetensors"), "numpy") as f:
+        assert f.metadata()["weights_sha256"] == checkpoint_sha256(sharded / "model.safetensors.index.json")
+    direct = run_cli("encode", "p.png", "--out", "d", "--weights", str(sharded), cwd=tmp_path)
+    assert direct.returncode == 0, direct.stderr.decode()
+    from safetensors.numpy import load_file
+
+    a, b = (load_file(tmp_path / d / "p.png.safetensors")["embedding"] for d in ("o", "d"))
+    assert a.shape == (17, 48) and (a == b).all()  # hf:// and the folder: the same model
 
 
 def test_nothing_found_exits_2_and_says_how(tmp_path):

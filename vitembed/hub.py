@@ -10,6 +10,8 @@ from pathlib import Path
 from .families import ModelSpec
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # a transformers repository's weights, first found wins
+# large checkpoints come in shards: an index (its "weight_map": key -> shard file name) beside them
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def weights_on_disk(spec: ModelSpec, cwd: str | os.PathLike | None = None) -> str | None:
@@ -27,7 +29,7 @@ def weights_on_disk(spec: ModelSpec, cwd: str | os.PathLike | None = None) -> st
 
     if spec.source == "timm":
         return "cache" if cached("model.safetensors") else None
-    return "cache" if cached("config.json") and any(cached(name) for name in WEIGHT_FILES) else None
+    return "cache" if cached("config.json") and any(cached(name) for name in WEIGHT_FILES + SHARD_INDEXES) else None
 
 
 def hub_unreachable(endpoint: str, timeout: float = 2.0, environ: dict[str, str] | None = None) -> str | None:

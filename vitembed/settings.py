@@ -91,10 +91,18 @@ def run_settings(metadata: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in metadata.items() if k not in KEYS_NOT_COMPARED and k not in per_image}
 
 
+# keys written only when a setting is on (older outputs lack them): what their absence means, shown
+ABSENT_MEANS = {"fast_decode": "false"}
+
+
 def _differences(ours: dict[str, str], theirs: dict[str, str]) -> str:
     keys = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
     shown_keys, rest = keys[:6], keys[6:]
-    text = "; ".join(f"{k}: {theirs.get(k, '<none>')!r} there, {ours.get(k, '<none>')!r} now" for k in shown_keys)
+
+    def shown(meta: dict[str, str], key: str) -> str:
+        return repr(meta[key]) if key in meta else repr(ABSENT_MEANS.get(key, "<none>"))
+
+    text = "; ".join(f"{k}: {shown(theirs, k)} there, {shown(ours, k)} now" for k in shown_keys)
     return text + (f"; and {len(rest)} more: {', '.join(rest)}" if rest else "")
 
 

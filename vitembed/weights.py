@@ -20,7 +20,7 @@ from .families import ModelSpec
 from .config import ViTConfig
 from .preprocess_config import PreprocessConfig
 from .errors import CheckpointError, UsageError, WeightsNotFoundError, shown
-from .hub import WEIGHT_FILES
+from .hub import SHARD_INDEXES, WEIGHT_FILES
 
 RANDOM = "random"
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -36,8 +36,8 @@ class ResolvedWeights:
             (``random``, a path, or ``hf://<repo>``).
         config: the architecture.
         preprocess: the checkpoint's reference preprocessing.
-        file: the weights file (None for random weights).
-        sha256: hex digest of ``file`` ("" for random weights).
+        file: the weights file, or a sharded checkpoint's ``*.index.json`` (None for random weights).
+        sha256: ``checkpoint_sha256(file)`` ("" for random weights).
         random: True only for ``--weights random``.
         seed: the seed of random weights (None otherwise).
         trained_image_size: the input size of the checkpoint's own config; when it
@@ -104,15 +104,61 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def is_shard_index(file: Path) -> bool:
+    """Whether ``file`` is a sharded checkpoint's index (``model.safetensors.index.json``...)."""
+    return file.name.endswith(".index.json")
+
+
+def shard_files(index: Path) -> list[Path]:
+    """The shard files that a sharded checkpoint's index names (its ``weight_map`` values, the
+    transformers format), beside the index, each once, sorted.
+
+    Raises:
+        CheckpointError: the index is not JSON with a ``weight_map`` of file names, a name has a
+            folder in it, or a shard is not there.
+    """
+    data = _read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{shown(index)}: not a sharded checkpoint index (no weight_map of file names)")
+    files = []
+    for name in sorted(set(weight_map.values())):
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"{shown(index)}: shard {name!r} is not a file name beside the index")
+        if not (index.parent / name).is_file():
+            raise CheckpointError(f"{shown(index)}: shard {name} is missing (expected {shown(index.parent / name)})")
+        files.append(index.parent / name)
+    return files
+
+
+def checkpoint_sha256(file: Path) -> str:
+    """Hex sha256 identifying a checkpoint: of the file's bytes; for a shard index, of the index's
+    bytes followed by each shard's hex digest (``shard_files`` order).
+
+    Raises:
+        CheckpointError: an unreadable file, or an index ``shard_files`` refuses.
+    """
+    if not is_shard_index(file):
+        return sha256_file(file)
+    h = hashlib.sha256()
+    try:
+        h.update(file.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"{shown(file)}: cannot read: {e.strerror or e}") from None
+    for shard in shard_files(file):
+        h.update(sha256_file(shard).encode())
+    return h.hexdigest()
+
+
 def _from_path(path: Path, spec: ModelSpec, how: str) -> ResolvedWeights:
     """A transformers checkpoint directory, or a single weights file (architecture from ``spec``)."""
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():
             raise WeightsNotFoundError(f"{how}: {path} has no config.json (expected a transformers checkpoint directory)")
-        file = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
+        file = next((path / n for n in WEIGHT_FILES + SHARD_INDEXES if (path / n).is_file()), None)
         if file is None:
-            raise WeightsNotFoundError(f"{how}: {path} has neither {' nor '.join(WEIGHT_FILES)}")
+            raise WeightsNotFoundError(f"{how}: {path} has none of {', '.join(WEIGHT_FILES + SHARD_INDEXES)}")
         config = ViTConfig.from_transformers(_read_json(config_file), str(config_file))
         return _for_checkpoint(str(path), config, path / "preprocessor_config.json", spec, file)
     if path.is_file():
@@ -151,7 +197,7 @@ def _for_checkpoint(
         preprocess = spec.preprocess if own else family.preprocess
         if family.preprocess_at_config_size:
             preprocess = preprocess.at_image_size(config.image_size)
-    weights = ResolvedWeights(source, config, preprocess, file, sha256_file(file))
+    weights = ResolvedWeights(source, config, preprocess, file, checkpoint_sha256(file))
     if config.naflex:  # each image gets its own grid, the learned one resized to it: nothing to resample
         return weights
     try:
@@ -207,9 +253,14 @@ def _from_hub(spec: ModelSpec, progress: bool) -> tuple[ResolvedWeights | None, 
         if spec.source == "timm":
             source = f"hf://{spec.repo}"
             return ResolvedWeights(source, spec.config(), spec.preprocess, first_file, sha256_file(first_file)), ""
-        for name in WEIGHT_FILES:
+        for name in WEIGHT_FILES + SHARD_INDEXES:
             try:
                 file = Path(hf_hub_download(spec.repo, name, local_files_only=local_only))
+                if is_shard_index(file):  # the shards land beside the index in the same snapshot
+                    for shard in sorted(set(_read_json(file).get("weight_map", {}).values())):
+                        hf_hub_download(spec.repo, shard, local_files_only=local_only)
+            except CheckpointError:
+                raise
             except Exception as e:
                 reasons.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0]}")
                 continue
@@ -308,7 +359,8 @@ def _read_unmapped(file: Path, layout: dict[str, tuple[str, list[int]]]) -> dict
 
 
 def read_state_dict(file: Path) -> dict[str, Any]:
-    """Tensors of a ``.safetensors`` file, or of a torch pickle read with ``weights_only=True``.
+    """Tensors of a ``.safetensors`` file, of a torch pickle read with ``weights_only=True``, or of
+all the shards a sharded checkpoint's index names (``shard_files``).
 
     A safetensors file is read tensor by tensor into memory of each tensor's own (``_read_unmapped``),
     not memory-mapped: a mapping stays resident as long as any tensor of the file lives, so a model
@@ -317,10 +369,21 @@ def read_state_dict(file: Path) -> dict[str, Any]:
     Wrapper dicts (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped.
 
     Raises:
-        CheckpointError: unreadable file, or one that needs code to unpickle.
+        CheckpointError: unreadable or cut file, one that needs code to unpickle, an index whose
+            shards are missing (``shard_files``), or a key in two shards.
     """
+    import pickle
+
     import torch
 
+    if is_shard_index(file):  # every shard read as below, one after the other, into one dict
+        state_dict: dict[str, Any] = {}
+        for shard in shard_files(file):
+            part = read_state_dict(shard)
+            if twice := next((k for k in part if k in state_dict), None):
+                raise CheckpointError(f"{shown(file)}: key {twice!r} is in more than one shard")
+            state_dict.update(part)
+        return state_dict
     if file.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -332,11 +395,14 @@ def read_state_dict(file: Path) -> dict[str, Any]:
             raise CheckpointError(f"{file}: cannot read checkpoint: not a valid safetensors file ({e})") from None
     try:
         obj = torch.load(str(file), map_location="cpu", weights_only=True)
-    except Exception:
+    except pickle.UnpicklingError:  # what weights_only=True raises for anything but tensors and containers
         raise CheckpointError(
             f"{file}: cannot read checkpoint: not a torch file of plain tensors "
             "(vitembed reads pickles with weights_only=True and never runs code from them)"
         ) from None
+    except Exception as e:  # a cut or damaged file: torch's zip reader, EOF
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{file}: cannot read checkpoint: not a complete torch file ({first})") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
