@@ -45,6 +45,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_IMAGES = HERE.parent.parent / "shared" / "images" / "imagenet-sample"
+SECTIONS = ("model", "e2e", "photo", "fidelity", "load", "rss", "startup")
+VIT_B16_GFLOPS = 35.1  # per 224x224 image: 12 blocks of qkv, attention, proj, MLP, and the patch embedding
+PEER_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}  # bench/peers.py name suffix -> --dtype
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
@@ -90,7 +93,9 @@ class CaseFailed(RuntimeError):
 
 
 def rss_note(result: dict) -> str:
-    return f" while encoding ({result['load_peak_mb']:.0f} loading the model)" if "load_peak_mb" in result else ""
+    if "load_peak_mb" not in result or "baseline_mb" in result:  # the load section prints its own line
+        return ""
+    return f" while encoding ({result['load_peak_mb']:.0f} loading the model)"
 
 
 def command_seconds(cmd: list[str], repeats: int = 5) -> float:
@@ -213,7 +218,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (model stage, vitembed, peers)")
     parser.add_argument("--iters", type=int, default=3, help="timed model-stage calls per case")
-    parser.add_argument("--cases", default="model,e2e,photo,fidelity,load,rss,startup", help="sections to run")
+    parser.add_argument("--cases", default=",".join(SECTIONS), help=f"sections to run, comma-separated: {','.join(SECTIONS)}")
     parser.add_argument("--peers", action="store_true", help="also ONNX Runtime and OpenVINO (pip install '.[bench]')")
     parser.add_argument("--photos", type=int, default=16, help="phone-size photos made for the photo section")
     parser.add_argument("--fidelity-photos", type=int, default=8, help="of those, used per family for fidelity")
@@ -232,9 +237,11 @@ def main() -> None:
     candidates = [DEFAULT_IMAGES, Path.cwd().parent / "shared" / "images" / "imagenet-sample"]
     images = args.images or next((c for c in candidates if c.is_dir()), DEFAULT_IMAGES)
     if not images.is_dir():
-        raise SystemExit(f"no image folder {images}: give one on the command line")
+        raise SystemExit(f"no image folder {images}: give a folder of photos, python bench/bench.py PHOTOS_DIR")
     n = len(cases.image_files(images))
     sections = set(args.cases.split(","))
+    if unknown := sections - set(SECTIONS):
+        raise SystemExit(f"--cases: unknown section(s) {', '.join(sorted(unknown))}; one or more of {','.join(SECTIONS)}")
     work = Path(args.keep or tempfile.mkdtemp(prefix="vitembed-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}")
@@ -399,10 +406,6 @@ def main() -> None:
     print(f"{sum(1 for g in rep.goals if g[1])} of {len(rep.goals)} goals met")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
-
-
-VIT_B16_GFLOPS = 35.1  # per 224x224 image: 12 blocks of qkv, attention, proj, MLP, and the patch embedding
-PEER_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}  # bench/peers.py name suffix -> --dtype
 
 
 def fast_bf16() -> str | None:

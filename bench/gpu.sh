@@ -14,4 +14,8 @@ if ! "$py" -c 'import torch, transformers, PIL, numpy, safetensors, typer, rich,
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())'
-"$py" bench/gpu.py "$@" 2>&1 | tee "${OUT:-.}/gpu.txt"
+if [ -n "${OUT:-}" ]; then
+    "$py" bench/gpu.py "$@" 2>&1 | tee "$OUT/gpu.txt"
+else
+    "$py" bench/gpu.py "$@"
+fi

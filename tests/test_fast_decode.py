@@ -90,6 +90,8 @@ def test_cli_records_fast_decode_and_refuses_to_mix_it_on_resume(tmp_path, small
     assert exact.returncode == 0
     with safe_open(str(tmp_path / "exact" / "big.jpg.safetensors"), "numpy") as f:
         assert "fast_decode" not in f.metadata()
+    panel = "--fast-decode: JPEGs at reduced DCT scale"  # the start panel says so (new-user pass)
+    assert panel in r.stderr.decode() and panel not in exact.stderr.decode()
     a = load_file(out / "big.jpg.safetensors")["embedding"]
     b = load_file(tmp_path / "exact" / "big.jpg.safetensors")["embedding"]
     cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)

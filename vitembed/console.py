@@ -110,6 +110,8 @@ def start_panel(console: Console, encoder, workers: int, out: Path, pack: int | 
         if cluster is None else ("ray", cluster.describe()),
         ("output", shown(out) + (f" (parts of {pack} + index.jsonl)" if pack else " (one file per image)")),
     ]
+    if encoder.encoding.fast_decode:
+        rows.insert(-1, ("decode", "--fast-decode: JPEGs at reduced DCT scale, resize by whole factors first"))
     bf16 = fast_bf16_instructions() if dtype_asked == "auto" and encoder.device.type == "cpu" else None
     if bf16 and encoder.dtype_name == "float32" and cluster is None:
         speedup = "3.6x" if bf16 == "AMX-BF16" else "1.5-1.7x"  # bench/bench.py figures: README, Speed
