@@ -356,7 +356,8 @@ def main() -> None:
     rep.ratio("ms vitembed int8 / vitembed bf16", "ms vitembed int8", "ms vitembed bfloat16")
     for name in peer_names:  # each peer against vitembed at the same precision
         dtype = PEER_DTYPES[name.split("-")[1]]
-        rep.ratio(f"ms vitembed {dtype} / {name}", f"ms vitembed {dtype}", f"ms {name}")
+        if name != "ort-int8":  # that one is a goal line above
+            rep.ratio(f"ms vitembed {dtype} / {name}", f"ms vitembed {dtype}", f"ms {name}")
         rep.ratio(f"e2e vitembed {dtype} / {name}", f"e2e vitembed {dtype}", f"e2e {name}")
     rep.ratio("e2e --layer embeddings / decode+resize", "e2e vitembed embeddings", "decode + resize")
     rep.ratio("photo decode fast / exact", "photo decode fast", "photo decode exact")

@@ -232,3 +232,36 @@ def test_int8_keeps_layernorm_outlier_channels():
         a, b = plain(x)["last"], quantized(x)["last"]
     cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
     assert cos.mean() > 0.998 and cos.min() > 0.98, (cos.mean().item(), cos.min().item())
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "quick_gelu"])
+def test_int8_fc1_runs_its_gelu_inside_the_kernel(act):
+    """fc1's GELU (erf or tanh) is a post-op of the int8 kernel: the same values as GELU after
+    the plain int8 linear, within float32 rounding of the int8 result; QuickGELU stays separate."""
+    import copy
+
+    from vitembed.config import ViTConfig
+    from vitembed.model import VisionTransformer
+    from vitembed.runtime import Int8Linear, int8_works, quantize_for_cpu
+
+    if not int8_works():
+        pytest.skip("this torch has no quantized engine")
+    g = torch.Generator().manual_seed(2)
+    weight, bias, x = torch.randn(96, 64, generator=g), torch.randn(96, generator=g), torch.randn(3, 9, 64, generator=g)
+    approximate = "tanh" if act == "gelu_tanh" else "none"
+    with torch.no_grad():
+        plain = torch.nn.functional.gelu(Int8Linear(weight, bias)(x), approximate=approximate)
+        fused = Int8Linear(weight, bias, fused_gelu=approximate)(x)
+    assert fused.shape == (3, 9, 96) and (fused - plain).abs().max() < 1e-3 * plain.abs().max()
+
+    cfg = ViTConfig(hidden_size=64, depth=2, num_heads=4, mlp_dim=128, patch_size=8, image_size=32, act=act)
+    model = VisionTransformer(cfg).init_weights(seed=3).eval()
+    quantized = copy.deepcopy(model)
+    assert quantize_for_cpu(quantized)
+    mlp = quantized.blocks[0].mlp
+    assert (mlp.fc1.fused_gelu is not None) == (act != "quick_gelu")
+    assert isinstance(mlp.act, torch.nn.Identity) == (act != "quick_gelu")
+    images = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.inference_mode():
+        cos = torch.nn.functional.cosine_similarity(model(images)["last"], quantized(images)["last"], dim=-1)
+    assert cos.min() > 0.999

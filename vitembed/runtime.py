@@ -258,34 +258,68 @@ class Int8Linear(nn.Module):
 
     (..., in) float32 -> (..., out) float32. The weight is quantised once, symmetric per output
     channel (int8, scale = max |w| / 127 of its row); each call quantises its input to uint8 with
-    one scale and zero point from the batch's own min and max (dynamic quantisation), multiplies
+    one scale and zero point from the input's own min and max (dynamic quantisation), multiplies
     in int8 with int32 accumulation, and rescales to float32 with the bias added: torch's
     ``quantized::linear_dynamic`` on weights packed for oneDNN (``_int8_engine``), as
-    ``torch.ao.quantization.quantize_dynamic`` runs it. Rounding makes results differ from
-    ``F.linear`` by about 1% of a value's scale; ViT-B/16's last hidden state keeps a mean cosine
-    above 0.999 to float32 (``bench/bench.py`` measures it). Built by ``quantize_for_cpu``.
+    ``torch.ao.quantization.quantize_dynamic`` runs it. With ``fused_gelu`` ("none" for the erf
+    GELU, "tanh" for its tanh approximation) the GELU is applied inside the oneDNN kernel
+    (``onednn::qlinear_pointwise`` with a GELU post-op, the input quantised the same way by
+    ``torch.quantize_per_tensor_dynamic``), which saves a float32 pass over fc1's wide output.
+    Rounding makes results differ from ``F.linear`` by about 1% of a value's scale; ViT-B/16's
+    last hidden state keeps a mean cosine above 0.999 to float32 (``bench/bench.py`` measures it).
+    Built by ``quantize_for_cpu``.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fused_gelu: str | None = None):
         super().__init__()
         self.out_features = weight.shape[0]  # weight: (out, in), as nn.Linear's
+        self.fused_gelu = fused_gelu
         w = weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny).double()  # (out,)
         zero = torch.zeros(len(scale), dtype=torch.int64)
+        self.bias = None if bias is None else bias.detach().float()
+        if fused_gelu is not None:
+            qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            self.packed = torch.ops.onednn.qlinear_prepack(qweight, None)
+            self.w_scale, self.w_zero = scale.float(), zero
+            return
         with _ENGINE_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notice that quantized tensor types are deprecated
             previous = torch.backends.quantized.engine
             torch.backends.quantized.engine = _int8_engine()
             try:
                 qweight = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
-                self.packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
+                self.packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
             finally:
                 torch.backends.quantized.engine = previous
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]), self.packed, False)  # reduce_range off
+        x = x.reshape(-1, shape[-1])  # (N, in)
+        if self.fused_gelu is None:
+            y = torch.ops.quantized.linear_dynamic(x, self.packed, False)  # reduce_range off
+        else:
+            q = torch.quantize_per_tensor_dynamic(x, torch.quint8, False)  # the scale from x's min and max
+            y = torch.ops.onednn.qlinear_pointwise(q.int_repr(), q.q_scale(), q.q_zero_point(), self.packed,
+                                                   self.w_scale, self.w_zero, self.bias, 1.0, 0, torch.float32,
+                                                   "gelu", [], self.fused_gelu)
         return y.reshape(*shape[:-1], self.out_features)
+
+
+@functools.lru_cache(maxsize=1)
+def _int8_gelu_fuses() -> bool:
+    """Whether ``Int8Linear(fused_gelu=...)`` runs here and matches GELU after the plain int8
+    linear (checked once, on a small case)."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        linear = nn.Linear(64, 96)
+        x = torch.randn(7, 64, generator=g)
+        with torch.no_grad():
+            ref = F.gelu(Int8Linear(linear.weight, linear.bias)(x))
+            y = Int8Linear(linear.weight, linear.bias, fused_gelu="none")(x)
+        return bool((y - ref).abs().max() < 0.01 * ref.abs().max())
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
 
 
 @functools.lru_cache(maxsize=1)
@@ -330,7 +364,8 @@ def quantize_for_cpu(model: nn.Module) -> bool:
 
     In every block: qkv, proj, fc1 and fc2, which hold about 98% of ViT-B/16's multiply-adds; the
     patch embedding, LayerNorms, attention itself, heads and pooling stay float32. qkv and fc1 take
-    their LayerNorm's per-channel scale first (``smooth_into_linear``). Returns False, leaving the
+    their LayerNorm's per-channel scale first (``smooth_into_linear``); a GELU after fc1 runs inside
+    its kernel where oneDNN can (``Int8Linear``'s ``fused_gelu``). Returns False, leaving the
     model as it is, when int8 does not run here (``int8_works``). The model's state dict is not
     usable afterwards.
     """
@@ -338,9 +373,14 @@ def quantize_for_cpu(model: nn.Module) -> bool:
         return False
     with torch.no_grad():
         for block in model.blocks:
+            act = block.mlp.act
+            fuse = isinstance(act, nn.GELU) and _int8_gelu_fuses()
             for norm, owner, name in ((block.norm1, block.attn, "qkv"), (None, block.attn, "proj"),
                                       (block.norm2, block.mlp, "fc1"), (None, block.mlp, "fc2")):
                 linear = getattr(owner, name)
                 weight = linear.weight if norm is None else smooth_into_linear(norm, linear.weight)
-                setattr(owner, name, Int8Linear(weight, linear.bias))
+                gelu = act.approximate if fuse and name == "fc1" else None
+                setattr(owner, name, Int8Linear(weight, linear.bias, fused_gelu=gelu))
+            if fuse:
+                block.mlp.act = nn.Identity()
     return True
