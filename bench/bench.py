@@ -233,15 +233,17 @@ def main() -> None:
         return cases.run_child(json.loads(args.child))
     import cases
 
+    sections = set(args.cases.split(",")) - {""}
+    if not sections:
+        raise SystemExit(f"--cases: no section named; one or more of {','.join(SECTIONS)}")
+    if unknown := sections - set(SECTIONS):
+        raise SystemExit(f"--cases: unknown section(s) {', '.join(sorted(unknown))}; one or more of {','.join(SECTIONS)}")
     # ../shared beside the repository, or beside the current folder (a clone elsewhere, run from the repo)
     candidates = [DEFAULT_IMAGES, Path.cwd().parent / "shared" / "images" / "imagenet-sample"]
     images = args.images or next((c for c in candidates if c.is_dir()), DEFAULT_IMAGES)
     if not images.is_dir():
         raise SystemExit(f"no image folder {images}: give a folder of photos, python bench/bench.py PHOTOS_DIR")
     n = len(cases.image_files(images))
-    sections = set(args.cases.split(","))
-    if unknown := sections - set(SECTIONS):
-        raise SystemExit(f"--cases: unknown section(s) {', '.join(sorted(unknown))}; one or more of {','.join(SECTIONS)}")
     work = Path(args.keep or tempfile.mkdtemp(prefix="vitembed-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}")

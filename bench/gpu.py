@@ -203,11 +203,25 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.batch, args.iters, args.images, args.photos = 4, 1, 8, 4
-    device = torch.device(args.device)
+    from vitembed.errors import VitembedError
+    from vitembed.runtime import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except VitembedError as e:
+        raise SystemExit(f"gpu.py: {e}") from None
     sys.path.insert(0, str(HERE))
+    work = args.work or Path(tempfile.mkdtemp(prefix="vitembed-gpu-"))
+    try:
+        run(args, device, work)
+    finally:
+        if args.work is None:  # a temporary work folder goes (329 MB of weights and JPEGs)
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, device: torch.device, work: Path) -> None:
     from bench import make_weights
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="vitembed-gpu-"))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device: {gpu}; torch {torch.__version__}, {len(os.sched_getaffinity(0))} cores; work {work}")
     weights = work / "weights"

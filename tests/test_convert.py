@@ -109,6 +109,15 @@ def test_sharded_checkpoint_loads_as_the_whole_one(tmp_path, small_ckpt):
     assert parts.file == sharded / "model.safetensors.index.json" and len(parts.sha256) == 64
     a, b = build_model(whole).state_dict(), build_model(parts).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    index = sharded / "model.safetensors.index.json"
+    good = index.read_text()
+    for name in ("../outside.safetensors", "/abs/x.safetensors", "model.safetensors.index.json"):  # the last: itself
+        data = json.loads(good)
+        data["weight_map"]["layernorm.weight"] = name
+        index.write_text(json.dumps(data))
+        with pytest.raises(CheckpointError, match="is not the name of a weights file beside the index"):
+            resolve_weights(SPEC, sharded)
+    index.write_text(good)
     shards[-1].unlink()
     with pytest.raises(CheckpointError, match=rf"model.safetensors.index.json: shard {shards[-1].name} is missing"):
         resolve_weights(SPEC, sharded)

@@ -265,3 +265,77 @@ def test_int8_fc1_runs_its_gelu_inside_the_kernel(act):
     with torch.inference_mode():
         cos = torch.nn.functional.cosine_similarity(model(images)["last"], quantized(images)["last"], dim=-1)
     assert cos.min() > 0.999
+
+
+def test_runs_in_two_python_threads_see_the_users_thread_count(small_ckpt):
+    """The breaking pass's case: encode() sets torch's process-wide thread count for its model
+    threads; a second encode() started meanwhile read that 1, split its batches differently and,
+    in int8 (one activation scale per call), gave other numbers (max abs 0.70). Both see the
+    count from before the first run now, and the last to end restores it."""
+    import threading
+
+    from vitembed.runtime import base_torch_threads, hold_torch_threads, int8_works, release_torch_threads
+
+    before = torch.get_num_threads()
+    hold_torch_threads()
+    torch.set_num_threads(1)  # what a run's model thread sets
+    hold_torch_threads()  # a second run starts meanwhile
+    assert base_torch_threads() == before
+    release_torch_threads()
+    assert torch.get_num_threads() == 1  # the first run is still going
+    release_torch_threads()
+    assert torch.get_num_threads() == before == base_torch_threads()
+
+    encoder = _encoder(small_ckpt, dtype="int8" if int8_works() else "float32")
+    images = [np.random.default_rng(k).integers(0, 256, (40, 40, 3), dtype=np.uint8) for k in range(6)]
+    solo = encoder.encode(images, batch_size=6)
+    results, barrier = [None, None], threading.Barrier(2)
+
+    def run(k):
+        barrier.wait()
+        results[k] = encoder.encode(images, batch_size=6)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(r, solo) for r in results)
+    assert torch.get_num_threads() == before
+
+
+def test_int8_with_nan_weights_writes_nan_embeddings_as_float32_does(tmp_path, small_ckpt):
+    """The breaking pass's checkpoint: one NaN in the position embedding. float32 wrote NaN
+    embeddings with a warning (exit 0); int8 stopped with oneDNN's 'min should be less than or
+    equal to max' traceback (exit 1). Now int8 does what float32 does; and an Inf or NaN row in
+    an int8 linear's input gives a NaN row without spoiling the others."""
+    import shutil
+
+    from safetensors.torch import load_file as load_torch, save_file
+
+    from vitembed.runtime import Int8Linear, int8_works
+
+    if not int8_works():
+        pytest.skip("this torch has no quantized engine")
+    g = torch.Generator().manual_seed(4)
+    weight, bias = torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
+    x = torch.randn(5, 40, generator=g)
+    for fused in (None, "none"):
+        linear = Int8Linear(weight, bias, fused_gelu=fused)
+        clean = linear(x[[0, 3, 4]])
+        bad = x.clone()
+        bad[1, 7], bad[2, 0] = float("nan"), float("inf")
+        y = linear(bad)
+        assert torch.isnan(y[1:3]).all() and torch.equal(y[[0, 3, 4]], clean)
+
+    ckpt = tmp_path / "nan"
+    ckpt.mkdir()
+    shutil.copy(small_ckpt / "config.json", ckpt)
+    sd = load_torch(small_ckpt / "model.safetensors")
+    sd["embeddings.position_embeddings"][0, 3, 5] = float("nan")
+    save_file(sd, ckpt / "model.safetensors")
+    src = _folder(tmp_path / "in", good=2)
+    for dtype in ("float32", "int8"):
+        r = run_cli("encode", str(src), "--out", str(tmp_path / dtype), "--weights", str(ckpt), "--dtype", dtype)
+        assert r.returncode == 0 and "hold Inf or NaN" in r.stderr.decode(), r.stderr.decode()[-500:]
+        assert np.isnan(load_file(tmp_path / dtype / "img00.jpg.safetensors")["embedding"]).any()

@@ -105,7 +105,8 @@ def start_panel(console: Console, encoder, workers: int, out: Path, pack: int | 
         ("layer", f"{encoder.layer}, pool {encoder.pool} -> {'x'.join(map(str, encoder.output_shape))} per image"),
         ("device", f"{encoder.device}  torch {torch.__version__}"),
         ("dtype", f"compute {encoder.dtype_name}, save {encoder.save_dtype_name}"),
-        ("model run", "torch.compile" if encoder.compiled else "eager" + (", oneDNN packed linears" if encoder.packed else "")),
+        ("model run", "torch.compile" if encoder.compiled else "eager" + (
+            "" if not encoder.packed else ", oneDNN int8 linears" if encoder.dtype_name == "int8" else ", oneDNN packed linears")),
         ("threads", "model {} x {} torch threads, decode {}".format(*encoder.thread_layout(), workers))
         if cluster is None else ("ray", cluster.describe()),
         ("output", shown(out) + (f" (parts of {pack} + index.jsonl)" if pack else " (one file per image)")),

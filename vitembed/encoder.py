@@ -278,9 +278,11 @@ class Encoder:
             except InputError as e:  # name which one: a path names itself, an array does not
                 raise InputError(f"image {index}" + ("" if e.path.startswith("<") else f" ({e.path})"), e.kind, e.reason) from None
 
+        from .runtime import hold_torch_threads, release_torch_threads
+
         out, failures = [], []
+        hold_torch_threads()
         model_threads, torch_threads = self.thread_layout()
-        threads_before = torch.get_num_threads()
         torch.set_num_threads(torch_threads)
         decoded = decode_stage(items, load, workers or usable_cores(), 2 * batch_size, name=lambda i: f"image {i[0]}")
         batches = model_stage(batch_stage(decoded, batch_size), self, model_threads, self.collate)
@@ -296,7 +298,7 @@ class Encoder:
         finally:  # an error: stop the decode and model threads now, not when the traceback is collected
             batches.close()
             decoded.close()
-            torch.set_num_threads(threads_before)
+            release_torch_threads()
         if self.naflex:  # lists of per-image rows: pooled ones stack, token outputs stay a list
             rows = [row for part in out for row in part]
             result = rows if self.ragged else (torch.stack(rows) if rows else

@@ -30,6 +30,7 @@ from .options import RunOptions, split_fields
 from .progress import Progress, Snapshot
 from .outdir import FAILURES_FILE, DirLock, DirState, append_failure, claim_dir, write_dir_state
 from .results import Result, Summary
+from .runtime import hold_torch_threads, release_torch_threads
 from .settings import run_settings
 from .engines import run_jobs
 from .stages import WriteStage
@@ -170,7 +171,7 @@ def encode_plan(
     except BaseException:
         lock.close()
         raise
-    threads_before = torch.get_num_threads()
+    hold_torch_threads()
     try:
         for result in [
             *(Result(problem.path, "failed", error=problem) for problem in plan.problems),
@@ -191,7 +192,7 @@ def encode_plan(
     except KeyboardInterrupt:  # Ctrl-C: the outputs written so far are complete; report what was done
         summary.interrupted = True
     finally:
-        torch.set_num_threads(threads_before)
+        release_torch_threads()
         if run.writer is not None:  # an error or Ctrl-C: still write what the model has computed
             try:
                 run.writer.close()

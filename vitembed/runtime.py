@@ -158,10 +158,40 @@ def model_layout(device: torch.device, compiled: bool) -> tuple[int, int]:
     matmul. Results are the same bits either way (each row's arithmetic does not
     depend on the threading).
     """
-    total = torch.get_num_threads()
+    total = base_torch_threads()
     if device.type != "cpu" or compiled or total < 2:
         return 1, total
     return 2, total // 2
+
+
+# Runs (Encoder.encode, vitembed.encode) set torch's process-wide thread count for their model
+# threads. Runs in several Python threads at once must all see the count from before the first of
+# them, not one another's setting (int8 results depend on how a batch is split): held here.
+_THREADS_LOCK = threading.Lock()
+_THREADS = {"runs": 0, "before": 1}
+
+
+def hold_torch_threads() -> None:
+    """A run starts: remember torch's thread count if no other run is active
+    (``release_torch_threads`` restores it when the last one ends)."""
+    with _THREADS_LOCK:
+        if _THREADS["runs"] == 0:
+            _THREADS["before"] = torch.get_num_threads()
+        _THREADS["runs"] += 1
+
+
+def release_torch_threads() -> None:
+    """A run ends: the last one to end restores torch's thread count."""
+    with _THREADS_LOCK:
+        _THREADS["runs"] -= 1
+        if _THREADS["runs"] == 0:
+            torch.set_num_threads(_THREADS["before"])
+
+
+def base_torch_threads() -> int:
+    """torch's thread count as the user left it: from before the runs now active, if any."""
+    with _THREADS_LOCK:
+        return _THREADS["before"] if _THREADS["runs"] else torch.get_num_threads()
 
 
 class PackedLinear(nn.Module):
@@ -265,6 +295,7 @@ class Int8Linear(nn.Module):
     GELU, "tanh" for its tanh approximation) the GELU is applied inside the oneDNN kernel
     (``onednn::qlinear_pointwise`` with a GELU post-op, the input quantised the same way by
     ``torch.quantize_per_tensor_dynamic``), which saves a float32 pass over fc1's wide output.
+    Rows holding Inf or NaN give NaN rows, as in float32, and leave the others' scale alone.
     Rounding makes results differ from ``F.linear`` by about 1% of a value's scale; ViT-B/16's
     last hidden state keeps a mean cosine above 0.999 to float32 (``bench/bench.py`` measures it).
     Built by ``quantize_for_cpu``.
@@ -296,14 +327,24 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, in)
-        if self.fused_gelu is None:
-            y = torch.ops.quantized.linear_dynamic(x, self.packed, False)  # reduce_range off
-        else:
-            q = torch.quantize_per_tensor_dynamic(x, torch.quint8, False)  # the scale from x's min and max
-            y = torch.ops.onednn.qlinear_pointwise(q.int_repr(), q.q_scale(), q.q_zero_point(), self.packed,
-                                                   self.w_scale, self.w_zero, self.bias, 1.0, 0, torch.float32,
-                                                   "gelu", [], self.fused_gelu)
+        if bool(torch.isfinite(x.sum())):  # one cheap pass: Inf or NaN anywhere makes the sum so
+            y = self._int8(x)
+        else:  # no scale fits an input holding Inf or NaN (oneDNN raises, or quantises everything to garbage)
+            finite = torch.isfinite(x).all(dim=1)  # (N,)
+            # as in float32: the rows holding Inf or NaN give NaN, the others are computed (their scale their own)
+            y = x.new_full((x.shape[0], self.out_features), float("nan"))
+            if bool(finite.any()):
+                y[finite] = self._int8(x[finite])
         return y.reshape(*shape[:-1], self.out_features)
+
+    def _int8(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in) finite float32 -> (N, out) float32."""
+        if self.fused_gelu is None:
+            return torch.ops.quantized.linear_dynamic(x, self.packed, False)  # reduce_range off
+        q = torch.quantize_per_tensor_dynamic(x, torch.quint8, False)  # the scale from x's min and max
+        return torch.ops.onednn.qlinear_pointwise(q.int_repr(), q.q_scale(), q.q_zero_point(), self.packed,
+                                                  self.w_scale, self.w_zero, self.bias, 1.0, 0, torch.float32,
+                                                  "gelu", [], self.fused_gelu)
 
 
 @functools.lru_cache(maxsize=1)

@@ -109,6 +109,25 @@ def is_shard_index(file: Path) -> bool:
     return file.name.endswith(".index.json")
 
 
+def shard_names(index: Path) -> list[str]:
+    """The shard file names a sharded checkpoint's index names (``weight_map`` values), each
+    once, sorted; ``shard_files`` checks them on disk.
+
+    Raises:
+        CheckpointError: the index is not JSON with a ``weight_map`` of file names, or a name has
+            a folder in it or is not a weights file (``.safetensors``, ``.bin``, ``.pt``, ``.pth``).
+    """
+    data = _read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{shown(index)}: not a sharded checkpoint index (no weight_map of file names)")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if Path(name).name != name or Path(name).suffix not in CHECKPOINT_SUFFIXES:
+            raise CheckpointError(f"{shown(index)}: shard {name!r} is not the name of a weights file beside the index")
+    return names
+
+
 def shard_files(index: Path) -> list[Path]:
     """The shard files that a sharded checkpoint's index names (its ``weight_map`` values, the
     transformers format), beside the index, each once, sorted.
@@ -117,14 +136,8 @@ def shard_files(index: Path) -> list[Path]:
         CheckpointError: the index is not JSON with a ``weight_map`` of file names, a name has a
             folder in it, or a shard is not there.
     """
-    data = _read_json(index)
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{shown(index)}: not a sharded checkpoint index (no weight_map of file names)")
     files = []
-    for name in sorted(set(weight_map.values())):
-        if Path(name).name != name or name in ("", ".", ".."):
-            raise CheckpointError(f"{shown(index)}: shard {name!r} is not a file name beside the index")
+    for name in shard_names(index):
         if not (index.parent / name).is_file():
             raise CheckpointError(f"{shown(index)}: shard {name} is missing (expected {shown(index.parent / name)})")
         files.append(index.parent / name)
@@ -257,7 +270,7 @@ def _from_hub(spec: ModelSpec, progress: bool) -> tuple[ResolvedWeights | None, 
             try:
                 file = Path(hf_hub_download(spec.repo, name, local_files_only=local_only))
                 if is_shard_index(file):  # the shards land beside the index in the same snapshot
-                    for shard in sorted(set(_read_json(file).get("weight_map", {}).values())):
+                    for shard in shard_names(file):
                         hf_hub_download(spec.repo, shard, local_files_only=local_only)
             except CheckpointError:
                 raise
