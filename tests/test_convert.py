@@ -117,6 +117,11 @@ def test_sharded_checkpoint_loads_as_the_whole_one(tmp_path, small_ckpt):
         index.write_text(json.dumps(data))
         with pytest.raises(CheckpointError, match="is not the name of a weights file beside the index"):
             resolve_weights(SPEC, sharded)
+    data = json.loads(good)
+    data["weight_map"]["encoder.layer.9.output.dense.bias"] = shards[0].name
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"key 'encoder.layer.9.output.dense.bias' is listed for .* but in no shard"):
+        build_model(resolve_weights(SPEC, sharded))
     index.write_text(good)
     shards[-1].unlink()
     with pytest.raises(CheckpointError, match=rf"model.safetensors.index.json: shard {shards[-1].name} is missing"):

@@ -383,7 +383,7 @@ all the shards a sharded checkpoint's index names (``shard_files``).
 
     Raises:
         CheckpointError: unreadable or cut file, one that needs code to unpickle, an index whose
-            shards are missing (``shard_files``), or a key in two shards.
+            shards are missing (``shard_files``), a key in two shards or listed but in none.
     """
     import pickle
 
@@ -396,6 +396,9 @@ all the shards a sharded checkpoint's index names (``shard_files``).
             if twice := next((k for k in part if k in state_dict), None):
                 raise CheckpointError(f"{shown(file)}: key {twice!r} is in more than one shard")
             state_dict.update(part)
+        listed = _read_json(file)["weight_map"]  # shard_files checked its form
+        if missing := next((k for k in listed if k not in state_dict), None):
+            raise CheckpointError(f"{shown(file)}: key {missing!r} is listed for {listed[missing]} but in no shard")
         return state_dict
     if file.suffix == ".safetensors":
         from safetensors import safe_open
