@@ -126,7 +126,7 @@ def test_int8_block_linears_close_to_float32_and_recorded(tmp_path, small_ckpt):
     """--dtype int8: the four linears of every block become Int8Linear (weights int8 per output
     channel), the rest stays float32; outputs are float32, close to the float32 run, and say
     dtype int8 in their metadata."""
-    from vitembed.runtime import Int8Linear, int8_works
+    from vitembed.int8 import Int8Linear, int8_works
 
     if not int8_works():
         pytest.skip("this torch has no quantized engine")
@@ -154,7 +154,7 @@ def test_int8_block_linears_close_to_float32_and_recorded(tmp_path, small_ckpt):
 def test_int8_linear_matches_integer_arithmetic():
     """Int8Linear computes what its recipe says: per-channel symmetric int8 weights, the input
     quantised to uint8 with one scale and zero point from its min and max, int32 products."""
-    from vitembed.runtime import Int8Linear, int8_works
+    from vitembed.int8 import Int8Linear, int8_works
 
     if not int8_works():
         pytest.skip("this torch has no quantized engine")
@@ -175,12 +175,13 @@ def test_int8_linear_matches_integer_arithmetic():
 
 def test_int8_is_refused_off_the_cpu_and_warns_without_vnni(monkeypatch):
     from vitembed import runtime
+    from vitembed.int8 import int8_works
     from vitembed.errors import UsageError
 
     with pytest.raises(UsageError, match="--dtype int8 runs on the CPU"):
         runtime.resolve_dtype("int8", torch.device("meta"))
     monkeypatch.setattr(runtime, "fast_int8_instructions", lambda: None)
-    if runtime.int8_works():
+    if int8_works():
         with pytest.warns(Warning, match="without int8 dot-product instructions"):
             assert runtime.resolve_dtype("int8", torch.device("cpu")) == "int8"
 
@@ -205,7 +206,7 @@ def test_int8_keeps_layernorm_outlier_channels():
 
     from vitembed.config import ViTConfig
     from vitembed.model import VisionTransformer
-    from vitembed.runtime import int8_works, quantize_for_cpu, smooth_into_linear
+    from vitembed.int8 import int8_works, quantize_for_cpu, smooth_into_linear
 
     if not int8_works():
         pytest.skip("this torch has no quantized engine")
@@ -242,7 +243,7 @@ def test_int8_fc1_runs_its_gelu_inside_the_kernel(act):
 
     from vitembed.config import ViTConfig
     from vitembed.model import VisionTransformer
-    from vitembed.runtime import Int8Linear, int8_works, quantize_for_cpu
+    from vitembed.int8 import Int8Linear, int8_works, quantize_for_cpu
 
     if not int8_works():
         pytest.skip("this torch has no quantized engine")
@@ -274,7 +275,8 @@ def test_runs_in_two_python_threads_see_the_users_thread_count(small_ckpt):
     count from before the first run now, and the last to end restores it."""
     import threading
 
-    from vitembed.runtime import base_torch_threads, hold_torch_threads, int8_works, release_torch_threads
+    from vitembed.int8 import int8_works
+    from vitembed.runtime import base_torch_threads, hold_torch_threads, release_torch_threads
 
     before = torch.get_num_threads()
     hold_torch_threads()
@@ -313,7 +315,7 @@ def test_int8_with_nan_weights_writes_nan_embeddings_as_float32_does(tmp_path, s
 
     from safetensors.torch import load_file as load_torch, save_file
 
-    from vitembed.runtime import Int8Linear, int8_works
+    from vitembed.int8 import Int8Linear, int8_works
 
     if not int8_works():
         pytest.skip("this torch has no quantized engine")

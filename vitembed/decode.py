@@ -93,6 +93,29 @@ def _lift_pillow_limit(limit: int) -> None:
             Image.MAX_IMAGE_PIXELS = -(-limit // 2)
 
 
+def _source(path: str | os.PathLike | TarMember) -> tuple[str, str | io.BytesIO]:
+    """(the name errors give, what Pillow opens): a file's path once it is known to be a
+    non-empty regular file, or a shard member's bytes.
+
+    Raises:
+        InputError: kinds ``not-found``, ``unreadable`` (also: not a regular file), ``empty``.
+    """
+    if isinstance(path, TarMember):  # a WebDataset shard's member, read by offset (shards.py)
+        return str(path), io.BytesIO(path.read())
+    name = os.fspath(path)
+    try:
+        st = os.stat(name)
+    except FileNotFoundError:
+        raise InputError(name, "not-found", "no such file") from None
+    except OSError as e:
+        raise InputError(name, "unreadable", e.strerror or str(e)) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(name, "unreadable", "not a regular file")
+    if st.st_size == 0:
+        raise InputError(name, "empty", "empty file (0 bytes)")
+    return name, name
+
+
 def open_image(
     path: str | os.PathLike | TarMember,
     max_pixels: int | None = None,
@@ -128,20 +151,7 @@ def open_image(
             ``not-an-image`` (also for garbage where Pillow expects a chunk or
             marker name), ``too-large``, ``truncated``.
     """
-    if isinstance(path, TarMember):  # a WebDataset shard's member, read by offset (shards.py)
-        name, source = str(path), io.BytesIO(path.read())
-    else:
-        name = source = os.fspath(path)
-        try:
-            st = os.stat(name)
-        except FileNotFoundError:
-            raise InputError(name, "not-found", "no such file") from None
-        except OSError as e:
-            raise InputError(name, "unreadable", e.strerror or str(e)) from None
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(name, "unreadable", "not a regular file")
-        if st.st_size == 0:
-            raise InputError(name, "empty", "empty file (0 bytes)")
+    name, source = _source(path)
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     _lift_pillow_limit(limit)
     # Pillow reads this module-wide switch at load time; set it for every image, so each call

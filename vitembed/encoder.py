@@ -24,7 +24,8 @@ from .families import family_of
 from .options import EncodingOptions, ModelOptions, split_fields
 from .preprocess import (FAST_REDUCING_GAP, PatchBatch, collate_patches, load_pixels, normalize, normalize_patches,
                          normalize_stats, resize)
-from .runtime import TORCH_DTYPES, compute_dtype, pack_for_cpu, quantize_for_cpu, resolve_device, resolve_dtype, usable_cores, will_pack
+from .int8 import quantize_for_cpu
+from .runtime import TORCH_DTYPES, compute_dtype, pack_for_cpu, resolve_device, resolve_dtype, usable_cores, will_pack
 from .weights import ResolvedWeights, build_model, resolve_weights
 
 

@@ -79,7 +79,7 @@ class ModelOptions:
             ``config.INTERPOLATIONS`` and its bounds); ``mean``/``std`` also as ``"R,G,B"`` text.
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps`` (checked when the encoder is built).
         dtype: compute precision, one of ``DTYPES`` (``auto``: bfloat16 on CUDA that supports it,
-            float32 elsewhere; ``int8``: the block linears in int8 on the CPU, ``runtime.Int8Linear``).
+            float32 elsewhere; ``int8``: the block linears in int8 on the CPU, ``int8.Int8Linear``).
         compile: run the model through ``torch.compile`` (eager, with a warning, if that fails).
 
     Raises:

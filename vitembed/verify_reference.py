@@ -71,7 +71,7 @@ def layout_of(file: Path) -> str:
         except Exception as e:
             raise CheckpointError(f"{file}: cannot read: {e}") from None
     else:
-        from .weights import read_state_dict
+        from .checkpoint_files import read_state_dict
 
         keys = read_state_dict(file)
     return detect_format(strip_prefixes(keys), str(file))
